@@ -1,0 +1,217 @@
+"""SequentialEditingModule: sequential model editing as a LightningModule whose steps are edit batches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .editors.base import Editor, LowRankUpdate, Updates, apply_updates, check_updates
+from .logging import log_metrics
+from .requests import EditRequest
+
+
+@dataclass
+class EditRecord:
+    """One applied edit batch: the requests, the step that applied them and the updates (float32 factors, CPU)."""
+
+    step: int
+    requests: list[EditRequest]
+    updates: Updates
+    seconds: float = 0.0
+    case_ids: list[Any] = field(default_factory=list)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "requests": [r.to_dict() for r in self.requests],
+            "updates": {k: (u.A, u.B) for k, u in self.updates.items()},
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_state(cls, s: dict[str, Any]) -> "EditRecord":
+        reqs = [EditRequest(**r) for r in s["requests"]]
+        ups = {k: LowRankUpdate(a, b) for k, (a, b) in s["updates"].items()}
+        return cls(s["step"], reqs, ups, s.get("seconds", 0.0), [r.case_id for r in reqs])
+
+
+class _NoOpOptimizer(torch.optim.Optimizer):
+    """Stands in for an optimizer: stepping it is how manual optimisation advances ``trainer.global_step``."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Any = None) -> None:  # noqa: D401 - nothing to optimise
+        return None
+
+
+class SequentialEditingModule(L.LightningModule):
+    """Applies one batch of edit requests per ``training_step``, sequentially, never restoring weights.
+
+    Args:
+        model: a model name for :func:`lit_prune.load_model` (local folder, ``smollm2-135m``, or a hub id).
+        editor: the editor (``class_path`` in a config): ``lit_prune.editors.ROME``, ``MEMIT``, ``FT``, ``MEND``.
+        dtype: the model's dtype (``float32``, ``bfloat16``, ...); editors compute their linear algebra in float32+.
+        export_dir: where the edited (and, with a PruneCallback, restrained) model is saved with ``save_pretrained``
+            at the end of ``fit``; ``"auto"`` = ``<log_dir>/edited_model``; ``None`` = no export.
+
+    For callbacks it exposes ``model``, ``tokenizer``, ``edited_parameters`` (names in ``model.named_parameters()``),
+    ``num_edits`` (requests applied so far, the x-axis of every curve), ``last_updates`` (the updates of the latest
+    step), ``edit_log`` (one :class:`EditRecord` per step) and ``applied_requests``.
+
+    The HF model is loaded on first access to ``self.model`` (callbacks' ``setup`` runs before the module's), so
+    ``--print_config`` and data validation never wait for it. Multi-device runs compute each update on every rank
+    and broadcast rank 0's, so all ranks hold bit-identical weights after every step.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        editor: Editor | None = None,
+        dtype: str = "float32",
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_name, self.dtype_name, self.export_dir = model, dtype, export_dir
+        if editor is None:
+            from .editors import ROME
+
+            editor = ROME()
+        if not isinstance(editor, Editor):
+            raise TypeError(f"SequentialEditingModule: editor must be a lit_prune Editor, got {type(editor).__name__}")
+        self.editor = editor
+        self.tokenizer: Any = None
+        self.edit_log: list[EditRecord] = []
+        self.last_updates: Updates = {}
+        self.num_edits = 0
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the edited parameters
+        self._dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.save_hyperparameters(ignore=["editor"])
+
+    # -- the model, loaded lazily -------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name == "model" and "model" not in self._modules:
+            self.set_model(*self._load())
+            return self._modules["model"]
+        return super().__getattr__(name)
+
+    def _load(self) -> tuple[nn.Module, Any]:
+        from .models import load_model
+
+        return load_model(self.model_name, dtype=self.dtype_name)
+
+    def set_model(self, model: nn.Module, tokenizer: Any) -> None:
+        """Use an already loaded model (tests, notebooks) instead of loading ``self.model_name``."""
+        model.eval().requires_grad_(False)
+        self._modules["model"] = model  # not add_module: its hasattr() would re-enter the lazy loader
+        self.tokenizer = tokenizer
+
+    @property
+    def edited_parameters(self) -> list[str]:
+        """Names (in ``self.model.named_parameters()``) of the parameters the editor changes."""
+        return list(self.editor.edited_parameters(self.model))
+
+    @property
+    def applied_requests(self) -> list[EditRequest]:
+        return [r for rec in self.edit_log for r in rec.requests]
+
+    # -- Lightning hooks -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return _NoOpOptimizer([self._dummy])
+
+    def on_fit_start(self) -> None:
+        self.model.eval()
+        self.editor.prepare(self.model, self.tokenizer)
+
+    def train(self, mode: bool = True) -> "SequentialEditingModule":
+        super().train(mode)
+        if "model" in self._modules:
+            self._modules["model"].eval()  # editing never uses dropout
+        return self
+
+    def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        for i, r in enumerate(batch):
+            r.validate(f"edit batch {batch_idx}, request {i}")
+        updates = self.editor.compute(self.model, self.tokenizer, batch)
+        updates = {k: LowRankUpdate(u.A.detach().float().cpu(), u.B.detach().float().cpu()) for k, u in updates.items()}
+        if self.trainer.world_size > 1:
+            updates = self.trainer.strategy.broadcast(updates, src=0)
+        check_updates(self.model, updates, where=f"edit batch {batch_idx} (case ids {[r.case_id for r in batch]})")
+        apply_updates(self.model, updates)
+        seconds = time.perf_counter() - t0
+        self.edit_log.append(EditRecord(self.global_step, list(batch), updates, seconds, [r.case_id for r in batch]))
+        self.last_updates = updates
+        self.num_edits += len(batch)
+        self.optimizers().step()  # advances global_step: max_steps, step checkpoints and logging work
+        self.log("edits", float(self.num_edits), prog_bar=True, logger=False)
+        metrics = {"edit/seconds_per_edit": seconds / len(batch)}
+        for k, u in updates.items():
+            metrics[f"edit/{k}/update_norm"] = float(torch.linalg.matrix_norm(u.dense(torch.float32)))
+        log_metrics(self.trainer, metrics, step=self.num_edits)
+
+    def on_train_end(self) -> None:
+        if self.export_dir is None:
+            return
+        out = Path(self.trainer.log_dir or ".") / "edited_model" if self.export_dir == "auto" else Path(self.export_dir)
+        if self.trainer.is_global_zero:
+            self.export(out)
+        self.trainer.strategy.barrier()
+
+    def export(self, directory: str | Path) -> Path:
+        """``save_pretrained`` the model as it is now (edited, and restrained if a PruneCallback is in use)."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        rank_zero_info(f"edited model saved to {directory} ({self.num_edits} edits)")
+        return directory
+
+    @torch.no_grad()
+    def undo(self, k: int = 1) -> list[EditRecord]:
+        """Subtract the updates of the last ``k`` logged edit batches (newest first); returns the removed records.
+
+        Exact for the unrestrained edit stream (no PruneCallback, or before a restrained view was written): the
+        weights return to the state before those edits up to float rounding.
+        """
+        if not 0 <= k <= len(self.edit_log):
+            raise ValueError(f"undo: k must be between 0 and {len(self.edit_log)} (logged edit batches), got {k}")
+        removed = []
+        for _ in range(k):
+            rec = self.edit_log.pop()
+            apply_updates(self.model, rec.updates, sign=-1.0)
+            self.num_edits -= len(rec.requests)
+            removed.append(rec)
+        self.last_updates = self.edit_log[-1].updates if self.edit_log else {}
+        return removed
+
+    # -- checkpoints: only what editing changed ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = set(self.edited_parameters)
+        checkpoint["state_dict"] = {
+            f"model.{n}": p.detach().cpu().clone() for n, p in self.model.named_parameters() if n in names
+        }
+        checkpoint["lit_prune"] = {
+            "num_edits": self.num_edits,
+            "edit_log": [r.to_state() for r in self.edit_log],
+            "model_name": self.model_name,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lit_prune", {})
+        if state.get("model_name") not in (None, self.model_name):
+            raise ValueError(
+                f"checkpoint was written for model '{state['model_name']}', this run uses '{self.model_name}'"
+            )
+        _ = self.model  # load the base model before Lightning loads the edited parameters into it
+        self.num_edits = int(state.get("num_edits", 0))
+        self.edit_log = [EditRecord.from_state(s) for s in state.get("edit_log", [])]
+        self.last_updates = self.edit_log[-1].updates if self.edit_log else {}

@@ -1,0 +1,39 @@
+"""Sequential editing run: ``python train.py --config configs/default.yaml [--ckpt_path last.ckpt]``.
+
+A LightningCLI without subcommands (``run=False``): the config names the model, the editor (``class_path``), the
+data and the callbacks (PruneCallback, metrics); ``--print_config`` prints the full resolved config.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+import lit_prune  # noqa: F401  (registers the "lockstep" strategy)
+from lit_prune import EditDataModule, SequentialEditingModule
+from lit_prune.requests import EditRequestError
+
+
+class EditingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", type=str, default=None, help="checkpoint to resume the edit stream from")
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        cli = EditingCLI(
+            SequentialEditingModule,
+            EditDataModule,
+            run=False,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"default_env": False},
+            args=args,
+        )
+    except EditRequestError as e:
+        sys.exit(f"error: {e}")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+
+
+if __name__ == "__main__":
+    main()
