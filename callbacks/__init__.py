@@ -1,0 +1,3 @@
+from .prune import PruneCallback
+from .downstream import DownstreamEvalCallback
+from .edit_metrics import EditMetricsCallback

@@ -1,0 +1,55 @@
+"""Editing and general-ability metrics: batched answer scoring, torchmetrics Metrics, downstream tasks, final table."""
+
+from .downstream import (
+    GenerationAccuracy,
+    RougeF1,
+    TokenPerplexity,
+    generate,
+    load_examples,
+    normalize_answer,
+    parse_true_false,
+    qa_exact_match,
+    text_nll,
+)
+from .editing import (
+    CaseMean,
+    Efficacy,
+    EditScores,
+    Generalization,
+    Locality,
+    LocalityAgreement,
+    TokenAccuracy,
+    neighborhood_predictions,
+    request_case_values,
+    score_requests,
+)
+from .report import FinalMetricsReporter, format_table, write_final_metrics
+from .scoring import AnswerScores, answer_nll, score_answers
+
+__all__ = [
+    "AnswerScores",
+    "CaseMean",
+    "EditScores",
+    "Efficacy",
+    "FinalMetricsReporter",
+    "Generalization",
+    "GenerationAccuracy",
+    "Locality",
+    "LocalityAgreement",
+    "RougeF1",
+    "TokenAccuracy",
+    "TokenPerplexity",
+    "answer_nll",
+    "format_table",
+    "generate",
+    "load_examples",
+    "neighborhood_predictions",
+    "normalize_answer",
+    "parse_true_false",
+    "qa_exact_match",
+    "request_case_values",
+    "score_answers",
+    "score_requests",
+    "text_nll",
+    "write_final_metrics",
+]
