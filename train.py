@@ -7,12 +7,19 @@ data and the callbacks (PruneCallback, metrics); ``--print_config`` prints the f
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
 import lit_prune  # noqa: F401  (registers the "lockstep" strategy)
 from lit_prune import EditDataModule, SequentialEditingModule
 from lit_prune.requests import EditRequestError
+
+
+# Editing runs are eval-mode, single-epoch, no-worker streams by design: these Lightning warnings do not apply.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 class EditingCLI(LightningCLI):

@@ -1,0 +1,117 @@
+"""Turn the rows written by ``reproduce.py run`` into docs/results.md tables and docs/figures/*.png plots."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+LABELS = {"none": "no restraint", "deferred_e": "PRUNE deferred α=e", "deferred_1.2": "PRUNE deferred α=1.2",
+          "online_e": "PRUNE online α=e"}
+COLUMNS = [("retention/efficacy", "Efficacy", 100), ("retention/generalization", "Generalization", 100),
+           ("retention/locality", "Locality", 100), ("downstream/reasoning", "Reasoning", 100),
+           ("downstream/summarization", "Summarization", 100), ("downstream/qa", "QA", 100),
+           ("downstream/nli", "NLI", 100), ("downstream/perplexity", "Perplexity", 1)]
+
+
+def load_rows(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted(out.glob("*.jsonl")):
+        rows += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return rows
+
+
+def series(rows: list[dict]) -> dict:
+    """{(editor, view): {metric: {n: value}}} (the view of the online run is 'online_e')."""
+    s: dict = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        editor = r["run"].split("/")[0]
+        if r["view"] == "-":
+            continue
+        s[(editor, r["view"])][r["metric"]][r["n"]] = r["value"]
+    return s
+
+
+def _fmt(v, scale) -> str:
+    return "–" if v is None else (f"{v * scale:.1f}" if scale != 1 else f"{v:.2f}")
+
+
+def report(out: Path, doc: Path) -> str:
+    """Write ``doc`` (set-up from ``out/setup.json``, the table, the figures, ``out/findings.md``); returns the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = load_rows(out)
+    if not rows:
+        raise SystemExit(f"no result rows in {out}; run `python benchmarks/reproduce.py run` first")
+    s = series(rows)
+    editors = sorted({e for e, _ in s})
+    figdir = doc.parent / "figures"
+    figdir.mkdir(parents=True, exist_ok=True)
+
+    # main table at the largest N reached by each (editor, view), plus the unedited model (N = 0)
+    lines = ["| editor | restraint | N | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    base = None
+    for key, m in sorted(s.items()):
+        if key[1] == "none" and "downstream/perplexity" in m and 0 in m["downstream/perplexity"]:
+            base = {c: m.get(c, {}).get(0) for c, _, _ in COLUMNS}
+            break
+    if base:
+        lines.append("| unedited | – | 0 | " + " | ".join(_fmt(base[c], sc) for c, _, sc in COLUMNS) + " |")
+    for (editor, view), m in sorted(s.items()):
+        nmax = max(max(v) for v in m.values())
+        vals = []
+        for c, _, sc in COLUMNS:
+            pts = m.get(c, {})
+            last = max((n for n in pts if n > 0), default=None)
+            vals.append(_fmt(pts.get(last) if last is not None else None, sc))
+        lines.append(f"| {editor.upper()} | {LABELS.get(view, view)} | {nmax} | " + " | ".join(vals) + " |")
+    table = "\n".join(lines)
+
+    # plots: condition number (log) and ΔW σ_max, perplexity, efficacy vs N; one figure per editor
+    made = []
+    for editor in editors:
+        views = [v for (e, v) in s if e == editor]
+        params = sorted({"/".join(k.split("/")[1:-1]) for v in views for k in s[(editor, v)] if k.startswith("spectrum/")})
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+        for v in sorted(views):
+            m = s[(editor, v)]
+            p = params[-1] if params else None
+            if p:
+                for ax, k in ((axes[0], f"spectrum/{p}/condition_number"), (axes[1], f"spectrum/{p}/delta_sigma_max")):
+                    pts = sorted(m.get(k, {}).items())
+                    ax.plot([a for a, _ in pts], [b for _, b in pts], label=LABELS.get(v, v))
+            for ax, k in ((axes[2], "downstream/perplexity"), (axes[3], "retention/efficacy")):
+                pts = sorted(m.get(k, {}).items())
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker=".", label=LABELS.get(v, v))
+        axes[0].set_yscale("log")
+        titles = [f"κ(W) of {params[-1] if params else ''}", "σ_max(ΔW)", "held-out perplexity", "retention efficacy"]
+        for ax, t in zip(axes, titles):
+            ax.set_title(t, fontsize=9)
+            ax.set_xlabel("number of edits N")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{editor.upper()} on SmolLM2-135M, sequential CounterFact edits")
+        fig.tight_layout()
+        path = figdir / f"{editor}_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+
+    setup = json.loads((out / "setup.json").read_text()) if (out / "setup.json").is_file() else {}
+    findings = (out / "findings.md").read_text() if (out / "findings.md").is_file() else "(no findings written yet)"
+    text = ["# Reproducing PRUNE on the embedded SmolLM2-135M", "",
+            "Generated by `python benchmarks/reproduce.py report` from the rows that `reproduce.py run` wrote to "
+            f"`{out.relative_to(doc.parent.parent) if out.is_relative_to(doc.parent.parent) else out}`.", "",
+            "## Set-up", ""]
+    text += [f"- **{k}**: {v}" for k, v in setup.items()]
+    text += ["", "## Results at the largest N", "",
+             "Rates ×100 (retention protocol: all edits so far re-scored on the evaluated model); perplexity on "
+             "held-out bundled Wikipedia summaries (lower is better).", "", table, ""]
+    text += ["## Curves", ""] + [f"![{p.stem}](figures/{p.name})" for p in made] + ["", "## Findings", "", findings]
+    doc.write_text("\n".join(text) + "\n")
+    print(table)
+    return table

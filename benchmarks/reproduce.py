@@ -1,0 +1,242 @@
+"""Reproduce the paper's findings on the embedded model: sequential editing with and without PRUNE.
+
+    python benchmarks/reproduce.py run --editor rome --n 200          # one editor, all restraint set-ups
+    python benchmarks/reproduce.py run --editor memit --n 200
+    python benchmarks/reproduce.py report                             # docs/results.md + docs/figures/*.png
+
+Per editor two edit streams are run (batch size 1, the first N CounterFact edits of counterfact-edit.json):
+  - ``stream``: edits accumulate UNRESTRAINED. Deferred PRUNE (the reference protocol) is a view over this stream
+    (W₀ + restrained ΔW), so one stream evaluates ``none``, ``deferred_e`` (α = e) and ``deferred_1.2`` (α = 1.2)
+    side by side at the same checkpoints (spec §2).
+  - ``online``: PRUNE α = e applied after every edit and written back; later edits build on it.
+Recorded against N: κ(W) and σ_max(ΔW) of every edited matrix (every edit), perplexity on held-out bundled wiki text
+(every ``--ppl-every`` edits), retention efficacy/generalization/locality of all edits so far (every
+``--eval-every``), and the paper's four downstream tasks on ``--downstream-n`` examples each at ``--downstream-at``.
+
+Resumable: the accumulated update factors and every metric row are written to ``--out`` after each edit; a crashed
+sweep continues where it stopped. ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
+resolver knows, with hub access for hub ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_prune.data.formats import load_requests  # noqa: E402
+from lit_prune.editors.base import check_updates  # noqa: E402
+from lit_prune.metrics.downstream import load_examples, new_task_metric, task_values, text_nll, update_task_metric  # noqa: E402
+from lit_prune.metrics.editing import score_requests  # noqa: E402
+from lit_prune.models import load_model, load_texts  # noqa: E402
+from lit_prune.restraint import condition_number, restrain, sigma_max  # noqa: E402
+
+DATA = Path(os.environ.get("LIT_PRUNE_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "reproduce"
+TASK_FILES = {
+    "reasoning": "test-reasoning.jsonl",
+    "summarization": "test-summarization.json",
+    "qa": "test-OpenDomainQA.jsonl",
+    "nli": "test-NLI.tsv",
+}
+VIEWS = {"none": None, "deferred_e": math.e, "deferred_1.2": 1.2}
+
+
+def make_editor(name: str, model, tok, args):
+    from lit_prune import editors
+
+    cls = {"rome": editors.ROME, "memit": editors.MEMIT, "ft": editors.FT}.get(name)
+    if name == "mend":
+        from lit_prune.editors.mend import MEND
+
+        return MEND(checkpoint=args.mend_checkpoint)
+    if cls is None:
+        raise SystemExit(f"unknown editor '{name}' (rome, memit, ft, mend)")
+    return cls.for_model(model, tok)
+
+
+class Stream:
+    """An edit stream on one model: W = W₀ + ΔW for the edited parameters, ΔW kept as factors (A, B), ΔW = A Bᵀ."""
+
+    def __init__(self, model, names: list[str], online_alpha: float | None):
+        self.model, self.names, self.online_alpha = model, names, online_alpha
+        params = dict(model.named_parameters())
+        self.params = {n: params[n] for n in names}
+        self.W0 = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.tau = {n: sigma_max(w) for n, w in self.W0.items()}
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, updates) -> None:
+        for n, u in updates.items():
+            A, B = u.A.float().to(self.W0[n].device), u.B.float().to(self.W0[n].device)
+            if n in self.factors:
+                A, B = torch.cat([self.factors[n][0], A], 1), torch.cat([self.factors[n][1], B], 1)
+            self.factors[n] = (A, B)
+        if self.online_alpha is not None:
+            for n in updates:
+                res = restrain(self.W0[n], factors=self.factors[n], tau=self.tau[n], alpha=self.online_alpha)
+                self.factors[n] = res.factors()
+        self.write(None)
+
+    def delta(self, n: str, alpha: float | None) -> torch.Tensor:
+        if n not in self.factors:
+            return torch.zeros_like(self.W0[n])
+        if alpha is None:
+            A, B = self.factors[n]
+            return A @ B.T
+        return restrain(self.W0[n], factors=self.factors[n], tau=self.tau[n], alpha=alpha).delta().float()
+
+    @torch.no_grad()
+    def write(self, alpha: float | None) -> None:
+        """Put W₀ + ΔW (``alpha=None``) or W₀ + restrained ΔW (deferred view with base ``alpha``) into the model."""
+        for n, p in self.params.items():
+            p.copy_((self.W0[n] + self.delta(n, alpha)).to(p.dtype))
+
+    def spectrum(self, alpha: float | None) -> dict[str, float]:
+        out = {}
+        for n in self.names:
+            d = self.delta(n, alpha)
+            out[f"{n}/condition_number"] = condition_number(self.W0[n] + d)
+            out[f"{n}/delta_sigma_max"] = sigma_max(d) if n in self.factors else 0.0
+        return out
+
+    def state(self) -> dict:
+        return {n: (a.cpu(), b.cpu()) for n, (a, b) in self.factors.items()}
+
+    def load(self, state: dict) -> None:
+        self.factors = {n: (a.to(self.W0[n].device), b.to(self.W0[n].device)) for n, (a, b) in state.items()}
+        self.write(None)
+
+
+def evaluate(model, tok, stream: Stream, views: dict, n: int, requests, args, texts, tasks, rows: list, run: str):
+    """Evaluate each view of the stream at N = n edits; appends rows {run, view, n, metric, value}."""
+    do_ret = n > 0 and (n % args.eval_every == 0 or n == args.n)
+    do_ppl = n % args.ppl_every == 0 or n == args.n
+    do_down = n in args.downstream_at and tasks
+    for view, alpha in views.items():
+        stream.write(alpha)
+        rec = {f"spectrum/{k}": v for k, v in stream.spectrum(alpha).items()}
+        if do_ppl:
+            s, c = text_nll(model, tok, texts, batch_size=args.batch_size, max_length=256)
+            rec["downstream/perplexity"] = math.exp(s / c)
+        if do_ret:
+            rec.update({f"retention/{k}": v for k, v in score_requests(model, tok, requests[:n], batch_size=args.batch_size).items()})
+        if do_down:
+            for task, exs in tasks.items():
+                m = new_task_metric(task, sync_on_compute=False)
+                update_task_metric(m, task, model, tok, exs, batch_size=args.batch_size, max_length=1024)
+                rec.update({f"downstream/{k}": v for k, v in task_values(task, m.compute()).items()})
+        rows += [{"run": run, "view": view, "n": n, "metric": k, "value": float(v)} for k, v in rec.items()]
+    stream.write(None)
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model, device=args.device)
+    requests = load_requests(Path(args.data), n=args.n)
+    texts = load_texts("wiki-offline", n=args.ppl_texts, offset=len(load_texts("wiki-offline")) - args.ppl_texts)
+    tasks = {}
+    if args.downstream_n > 0:
+        for t, f in TASK_FILES.items():
+            if (DATA / "downstream" / f).is_file():
+                tasks[t] = load_examples(t, DATA / "downstream" / f, n=args.downstream_n)
+    editor = make_editor(args.editor, model, tok, args)
+    names = editor.edited_parameters(model)
+    setup_file = out / "setup.json"
+    setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
+    setup.update({
+        "model": args.model, "device": args.device, "torch": torch.__version__,
+        "data": f"first {args.n} records of {Path(args.data).name} (CounterFact, EasyEdit format), batch size 1",
+        f"{args.editor} editor": f"{type(editor).__name__}, edited parameters {names}; hyper-parameters {getattr(editor, 'hparams', '')}",
+        "perplexity": f"{args.ppl_texts} last bundled wiki summaries (held out from the statistics), ≤256 tokens, every {args.ppl_every} edits",
+        "retention": f"every {args.eval_every} edits and at N",
+        "downstream": f"{args.downstream_n} examples per task at N in {args.downstream_at} (paper: 358/149/261/299)",
+        "seed": args.seed,
+    })
+    setup_file.write_text(json.dumps(setup, indent=1))
+    runs = {"stream": (None, VIEWS), "online": (math.e, {"online_e": None})}
+    for run_name in args.runs:
+        online_alpha, views = runs[run_name]
+        tag = f"{args.editor}/{run_name}"
+        ckpt, rows_file = out / f"{args.editor}_{run_name}.pt", out / f"{args.editor}_{run_name}.jsonl"
+        stream = Stream(model, names, online_alpha)
+        start = 0
+        if ckpt.is_file():
+            st = torch.load(ckpt, weights_only=False)
+            stream.load(st["factors"])
+            start = st["next"]
+            print(f"[{tag}] resuming at edit {start}/{args.n}")
+        else:
+            rows_file.write_text("")
+        if start == 0:
+            rows = []
+            evaluate(model, tok, stream, views, 0, requests, args, texts, tasks, rows, tag)
+            with rows_file.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        t_edit, t0 = [], time.time()
+        for i in range(start, args.n):
+            t = time.perf_counter()
+            updates = editor.compute(model, tok, [requests[i]])
+            check_updates(model, updates, where=f"edit {i} (case_id {requests[i].case_id})")
+            t_r = time.perf_counter()
+            stream.add(updates)
+            t_edit.append(time.perf_counter() - t)
+            rows = [{"run": tag, "view": "-", "n": i + 1, "metric": "time/edit_s", "value": t_r - t},
+                    {"run": tag, "view": "-", "n": i + 1, "metric": "time/restraint_s", "value": time.perf_counter() - t_r}]
+            evaluate(model, tok, stream, views, i + 1, requests, args, texts, tasks, rows, tag)
+            with rows_file.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            torch.save({"factors": stream.state(), "next": i + 1}, ckpt)
+            done, left = i + 1 - start, args.n - i - 1
+            eta = (time.time() - t0) / done * left
+            print(f"[{tag}] edit {i + 1}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
+        # back to the unedited model for the next run
+        with torch.no_grad():
+            for n, p in stream.params.items():
+                p.copy_(stream.W0[n].to(p.dtype))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--editor", default="rome", choices=["rome", "memit", "ft", "mend"])
+    r.add_argument("--mend-checkpoint", default=None)
+    r.add_argument("--runs", nargs="+", default=["stream", "online"], choices=["stream", "online"])
+    r.add_argument("--n", type=int, default=200)
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--eval-every", type=int, default=25)
+    r.add_argument("--ppl-every", type=int, default=10)
+    r.add_argument("--ppl-texts", type=int, default=100)
+    r.add_argument("--downstream-at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200])
+    r.add_argument("--downstream-n", type=int, default=40)
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default=str(DEFAULT_OUT))
+    rep = sub.add_parser("report")
+    rep.add_argument("--out", default=str(DEFAULT_OUT))
+    rep.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(args)
+    else:
+        from report_reproduce import report
+
+        report(Path(args.out), Path(args.doc))
+
+
+if __name__ == "__main__":
+    main()
