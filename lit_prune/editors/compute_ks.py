@@ -1,0 +1,43 @@
+"""Keys and values at the subject's last token (ROME ``compute_u``'s k*, MEMIT ``compute_ks`` / current z).
+
+k* of a request at layer l = mean over the context templates of the input of the edited matrix at the subject's
+last token of ``context + prompt(subject)`` (ROME/MEMIT ``subject_last`` fact token). All requests × templates run
+in one batch; the forward stops at the module that is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import nethook
+from ..requests import EditRequest
+from .tokens import pad_id, pad_right, subject_prompts
+
+
+@torch.no_grad()
+def reprs_at_subject(
+    model: nn.Module, tok: Any, requests: Sequence[EditRequest], context_templates: Sequence[str], module: str,
+    track: Literal["in", "out"] = "in",
+) -> Tensor:
+    """(n_requests, n_templates, dim) float32: the module's input (``track="in"``) or output at the subject's last
+    token of every (request, template) prompt."""
+    ids, lookup = subject_prompts(tok, requests, context_templates)
+    device = next(model.parameters()).device
+    x, mask = pad_right(ids, pad_id(tok), device)
+    m = {module: model.get_submodule(module)}
+    capture = nethook.capture_inputs if track == "in" else nethook.capture_outputs
+    with capture(m, stop_after=module) as got:
+        model(input_ids=x, attention_mask=mask, use_cache=False)
+    h = got[module][torch.arange(len(ids), device=device), torch.tensor(lookup, device=device)].float()
+    return h.view(len(requests), len(context_templates), -1)
+
+
+def compute_ks(
+    model: nn.Module, tok: Any, requests: Sequence[EditRequest], context_templates: Sequence[str], module: str
+) -> Tensor:
+    """(n_requests, k_dim) float32: k* = mean over templates of the key entering ``module`` at the subject's last
+    token."""
+    return reprs_at_subject(model, tok, requests, context_templates, module, "in").mean(1)

@@ -1,0 +1,178 @@
+"""MEND's inputs: the per-token rank-one factors of the fine-tuning gradient of each edited weight.
+
+For a linear map ``y = W x`` applied to the tokens of a batch, the gradient of a loss is a sum of rank-one terms,
+``∇_W L = Σ_t δ_t x_tᵀ`` with ``x_t`` the layer input and ``δ_t = ∂L/∂y_t`` the gradient at its output
+(Mitchell et al. 2022, "Fast Model Editing at Scale", §3.1). MEND transforms the pairs ``(x_t, δ_t)`` instead of
+the (rows × cols) gradient. This module captures them with forward hooks during one forward/backward pass of the
+fine-tuning loss "the prompt continues with ``" " + target_new``".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..requests import EditRequest
+from .base import EditError, default_num_layers, get_module, get_parameter
+
+Factors = dict[str, tuple[Tensor, Tensor]]
+"""Parameter name -> ``(x, δ)``: (T, in_features) layer inputs and (T, out_features) output gradients, float32."""
+
+# Edited weights per architecture: the MLP input and output projections of the last blocks (MEND edits the last
+# three MLP blocks; GPT-2 XL: layers 45-47 c_fc and c_proj). Llama's gate_proj has the shape of up_proj and is left
+# alone, so one up/down pair per block mirrors GPT-2's c_fc/c_proj pair.
+LAYER_PATTERNS = (
+    ("model.layers.{}.mlp.up_proj.weight", "model.layers.{}.mlp.down_proj.weight"),  # Llama, Mistral, Qwen, ...
+    ("transformer.h.{}.mlp.c_fc.weight", "transformer.h.{}.mlp.c_proj.weight"),  # GPT-2, GPT-J style
+    ("gpt_neox.layers.{}.mlp.dense_h_to_4h.weight", "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight"),
+)
+
+
+def default_mend_parameters(model: nn.Module, n_blocks: int = 3) -> list[str]:
+    """The MLP input and output projection weights of the last ``n_blocks`` blocks of ``model``."""
+    n = default_num_layers(model)
+    names = {name for name, _ in model.named_parameters()}
+    for pattern in LAYER_PATTERNS:
+        if pattern[0].format(n - 1) in names:
+            return [p.format(i) for i in range(n - n_blocks, n) for p in pattern]
+    raise EditError(
+        f"MEND: no known MLP layout in {type(model).__name__}; name the edited weights explicitly "
+        f"(known layouts: {[p[0] for p in LAYER_PATTERNS]})"
+    )
+
+
+def orientation(model: nn.Module, param: str) -> str:
+    """``"linear"`` (weight stored out×in, ``y = W x``) or ``"conv1d"`` (GPT-2 ``Conv1D``, stored in×out, ``y = x W``)."""
+    if not param.endswith(".weight"):
+        raise EditError(f"MEND edits weight matrices; '{param}' is not a '.weight' parameter")
+    module = get_module(model, param[: -len(".weight")])
+    get_parameter(model, param)
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D":
+        return "conv1d"
+    raise EditError(f"MEND: '{param}' belongs to a {type(module).__name__}; only nn.Linear and Conv1D are supported")
+
+
+def factor_dims(model: nn.Module, param: str) -> tuple[int, int]:
+    """``(in_features, out_features)`` of the map that ``param`` stores, whatever its orientation."""
+    rows, cols = get_parameter(model, param).shape
+    return (cols, rows) if orientation(model, param) == "linear" else (rows, cols)
+
+
+def tokenize_answers(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``prompt + " " + answer`` token ids, attention mask and labels (-100 outside the answer).
+
+    The answer is tokenized on its own with a leading space and without special tokens, so only its tokens are
+    scored (a tokenizer's BOS stays in front of the prompt). Returns (B, L) ``input_ids``, ``attention_mask``,
+    ``labels``.
+    """
+    rows, labels = [], []
+    for p, a in zip(prompts, answers, strict=True):
+        p_ids = tokenizer(p)["input_ids"]
+        a_ids = tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"]
+        if not a_ids:
+            raise EditError(f"answer {a!r} for prompt {p!r} tokenizes to nothing")
+        rows.append(p_ids + a_ids)
+        labels.append([-100] * len(p_ids) + a_ids)
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
+    lab = torch.tensor([r + [-100] * (length - len(r)) for r in labels], device=device)
+    return ids, mask, lab
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids and attention mask of whole texts, (B, L) each."""
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+def answer_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per sequence mean NLL of the labelled (answer) tokens: (B,) from (B, L, V) logits and (B, L) labels."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    lab = labels[:, 1:]
+    keep = lab != -100
+    tok_logp = logp.gather(-1, lab.clamp(min=0)[..., None])[..., 0] * keep
+    return -tok_logp.sum(1) / keep.sum(1).clamp(min=1)
+
+
+def edit_texts(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
+    """Prompts (subject filled in) and new objects of the edit examples."""
+    return [r.full_prompt for r in requests], [r.target_new for r in requests]
+
+
+def gradient_factors(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], params: Sequence[str]) -> Factors:
+    """The rank-one factors of ``∇_W L`` for each weight in ``params`` on the current weights of ``model``.
+
+    ``L`` = mean over requests of the mean NLL of ``" " + target_new`` after the edit prompt (the fine-tuning loss
+    MEND conditions on). For each parameter returns ``(x, δ)`` with one row per token whose input and output
+    gradient are both non-zero (padding and tokens after the last answer token drop out): the answer-predicting
+    positions for a model's last block, every position up to the last answer token for earlier blocks. With
+    ``linear`` orientation ``∇_W L = δᵀ x`` (out×in); with ``conv1d`` it is ``xᵀ δ`` (in×out). Rows are float32
+    and detached; ``model``'s weights and ``requires_grad`` flags are untouched. Works under ``torch.inference_mode``.
+    """
+    if not requests:
+        raise EditError("MEND: no edit requests")
+    device = next(model.parameters()).device
+    ids, mask, labels = tokenize_answers(tokenizer, *edit_texts(requests), device=device)
+    return factors_and_logits(model, ids, mask, labels, params)[0]
+
+
+def factors_and_logits(
+    model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor, params: Sequence[str]
+) -> tuple[Factors, Tensor]:
+    """Gradient factors (see :func:`gradient_factors`) of ``L`` = mean over the rows that have answer labels of
+    their mean answer NLL, and the (B, L, V) logits of the same forward pass (detached).
+
+    Rows without labels (all -100) add nothing to ``L``, so their tokens have ``δ = 0`` and no factor rows; they
+    ride along to get the unedited model's logits from the same pass (MEND training's locality rows).
+    """
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def capture(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            inputs[name] = args[0].detach()
+            if not out.requires_grad:  # the first edited module: start the graph here, not at the embeddings
+                out = out.detach().requires_grad_(True)
+            outputs[name] = out
+            return out
+
+        return capture
+
+    if not (labels != -100).any():
+        raise EditError("MEND: no answer tokens to take the fine-tuning gradient of")
+    handles = [get_module(model, p[: -len(".weight")]).register_forward_hook(hook(p)) for p in params]
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            ids, mask, labels = ids.clone(), mask.clone(), labels.clone()  # normal tensors even if made in inference mode
+            labelled = (labels != -100).any(1)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = answer_nll(logits[labelled], labels[labelled]).mean()
+            missing = [p for p in params if p not in outputs]
+            if missing:
+                raise EditError(f"MEND: the modules of {missing} were not called in the forward pass")
+            grads = torch.autograd.grad(loss, [outputs[p] for p in params], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    keep = mask.reshape(-1).bool()
+    factors: Factors = {}
+    for p, g in zip(params, grads):
+        if g is None:
+            raise EditError(f"MEND: the fine-tuning loss does not depend on '{p}'")
+        x = inputs[p].reshape(-1, inputs[p].shape[-1])[keep].float()
+        d = g.reshape(-1, g.shape[-1])[keep].float()
+        nz = (x != 0).any(-1) & (d != 0).any(-1)
+        factors[p] = (x[nz].detach(), d[nz].detach())
+    return factors, logits.detach()

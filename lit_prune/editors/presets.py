@@ -1,0 +1,227 @@
+"""Where to edit (module-name templates per architecture) and how (hyper-parameters per model and method).
+
+Module templates take the layer index through ``"{}"``. The edited matrix is the MLP output projection; its input is
+the key ``k`` and its output the value ``v`` (spec §3):
+
+======================  =====================================  ========================================
+model_type               edited matrix (``rewrite_module_tmp``)  stored orientation
+======================  =====================================  ========================================
+gpt2                     ``transformer.h.{}.mlp.c_proj``         ``Conv1D``: (k_dim, v_dim), acts as k @ W
+gptj                     ``transformer.h.{}.mlp.fc_out``         ``nn.Linear``: (v_dim, k_dim), acts as W k
+gpt_neox                 ``gpt_neox.layers.{}.mlp.dense_4h_to_h`` ``nn.Linear``
+llama, mistral, qwen2,   ``model.layers.{}.mlp.down_proj``       ``nn.Linear``
+qwen3, phi3, olmo(2)
+======================  =====================================  ========================================
+
+Hyper-parameter presets (``HPARAMS``) hold the papers' values for gpt2-xl, llama-2-7b and llama-3-8b and values chosen
+for the embedded SmolLM2-135M from ``benchmarks/layer_sweep.py`` (results in ``benchmarks/results/layer_sweep.md``).
+Models without a preset get :func:`generic_hparams`, scaled by depth from the embedded model's choice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from torch import nn
+
+from .base import EditError, default_num_layers
+
+
+@dataclass(frozen=True)
+class ArchTemplates:
+    """Module names of one architecture (``"{}"`` = layer index)."""
+
+    rewrite_module_tmp: str
+    """The edited matrix: the MLP output projection (its input is the key k, its output the value v)."""
+    mlp_module_tmp: str
+    """The MLP block; ROME adds δ to its output (spec §3)."""
+    layer_module_tmp: str
+    """The decoder block; its output is the residual stream where MEMIT adds δ (the z of the last edited layer)."""
+    layers_module: str
+    """The ``nn.ModuleList`` holding the decoder blocks, in order."""
+    ln_f_module: str
+    """The final norm (before the LM head)."""
+    lm_head_module: str
+    """The LM head (hidden -> vocabulary logits)."""
+
+
+_LLAMA_LIKE = ArchTemplates(
+    "model.layers.{}.mlp.down_proj", "model.layers.{}.mlp", "model.layers.{}", "model.layers", "model.norm", "lm_head"
+)
+ARCHITECTURES: dict[str, ArchTemplates] = {
+    "gpt2": ArchTemplates(
+        "transformer.h.{}.mlp.c_proj", "transformer.h.{}.mlp", "transformer.h.{}", "transformer.h", "transformer.ln_f",
+        "lm_head",
+    ),
+    "gptj": ArchTemplates(
+        "transformer.h.{}.mlp.fc_out", "transformer.h.{}.mlp", "transformer.h.{}", "transformer.h", "transformer.ln_f",
+        "lm_head",
+    ),
+    "gpt_neox": ArchTemplates(
+        "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}", "gpt_neox.layers",
+        "gpt_neox.final_layer_norm", "embed_out",
+    ),
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2")},
+}
+
+
+def arch_templates(model: nn.Module, **overrides: str | None) -> ArchTemplates:
+    """The templates for ``model.config.model_type``, with any non-None field of ``overrides`` replacing the default.
+
+    An unknown architecture needs every field in ``overrides``; each template is checked against the model (it must
+    name a module for layer 0), so a typo fails here with the names that do exist.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(ArchTemplates)}
+    if unknown:
+        raise EditError(f"unknown module template argument(s) {sorted(unknown)}")
+    base = ARCHITECTURES.get(model_type)
+    if base is None:
+        missing = [f.name for f in fields(ArchTemplates) if f.name not in given]
+        if missing:
+            raise EditError(
+                f"no module-name preset for model_type {model_type!r} (known: {sorted(ARCHITECTURES)}); "
+                f"pass {missing} (e.g. rewrite_module_tmp='model.layers.{{}}.mlp.down_proj')"
+            )
+        arch = ArchTemplates(**given)
+    else:
+        arch = replace(base, **given)
+    names = dict(model.named_modules())
+    for f in fields(ArchTemplates):
+        tmp = getattr(arch, f.name)
+        name = tmp.format(0) if "{}" in tmp else tmp
+        if name not in names:
+            stem = name.split(".")[0]
+            near = [n for n in names if n.startswith(stem) and n.count(".") <= name.count(".")][:8]
+            raise EditError(
+                f"module template {f.name}={tmp!r} matches no module of {type(model).__name__} "
+                f"(looked for '{name}'); modules near it: {near}"
+            )
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hyper-parameters. Keys per method are the editors' constructor arguments.
+_SMOLLM2_135M = {
+    # Layer choices from benchmarks/layer_sweep.py (results/layer_sweep.md); statistics sample size from
+    # benchmarks/bench_editors.py (results/editors.md).
+    "rome": dict(layers=[4], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
+                 kl_factor=0.0625, mom2_n_samples=3000),
+    "memit": dict(layers=[2, 3, 4, 5, 6], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75,
+                  kl_factor=0.0625, mom2_update_weight=15000.0, mom2_n_samples=3000),
+    "ft": dict(layers=[4], num_steps=25, lr=5e-4, norm_constraint=5e-4),
+}
+HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "smollm2-135m": _SMOLLM2_135M,
+    # ROME / MEMIT papers (kmeng01/rome, kmeng01/memit hparams) and the PRUNE paper (spec §3).
+    "gpt2-xl": {
+        "rome": dict(layers=[17], v_loss_layer=47, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5,
+                     clamp_norm_factor=4.0, kl_factor=0.0625, mom2_n_samples=100000,
+                     context_template_lengths=[5, 10]),
+        "memit": dict(layers=[13, 14, 15, 16, 17], v_loss_layer=47, v_num_grad_steps=20, v_lr=0.5,
+                      v_weight_decay=0.5, clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=20000.0,
+                      mom2_n_samples=100000, context_template_lengths=[10]),
+        "ft": dict(layers=[0], num_steps=25, lr=5e-4, norm_constraint=5e-4),
+    },
+    "llama-2-7b": {
+        "rome": dict(layers=[5], v_loss_layer=31, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
+                     clamp_norm_factor=4.0, kl_factor=0.0625, mom2_n_samples=100000),
+        "memit": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=31, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
+                      clamp_norm_factor=4.0, kl_factor=0.0625, mom2_update_weight=15000.0, mom2_n_samples=100000),
+        "ft": dict(layers=[21], num_steps=25, lr=5e-4, norm_constraint=5e-4),
+    },
+    "llama-3-8b": {
+        "rome": dict(layers=[4], v_loss_layer=31, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
+                     clamp_norm_factor=4.0, kl_factor=0.0625, mom2_n_samples=100000),
+        "memit": dict(layers=[4, 5, 6, 7, 8], v_loss_layer=31, v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
+                      clamp_norm_factor=4.0, kl_factor=0.0625, mom2_update_weight=15000.0, mom2_n_samples=100000),
+        "ft": dict(layers=[21], num_steps=25, lr=5e-4, norm_constraint=5e-4),
+    },
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # Values not given by a preset (ROME/MEMIT code defaults).
+    "rome": dict(v_loss_layer=None, mom2_adjustment=True, mom2_max_length=256, context_template_lengths=None,
+                 early_stop_loss=5e-2),
+    "memit": dict(v_loss_layer=None, mom2_max_length=256, context_template_lengths=None, early_stop_loss=5e-2),
+    "ft": dict(early_stop_loss=1e-2),
+}
+
+
+def preset_name(model: nn.Module) -> str | None:
+    """The ``HPARAMS`` key for ``model``: from its name or path first, then from its config's shape; None if none."""
+    cfg = getattr(model, "config", None)
+    name = str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or "").lower()
+    tail = name.rstrip("/").rsplit("/", 1)[-1]
+    for key, pats in (
+        ("smollm2-135m", ("smollm2-135m",)),
+        ("gpt2-xl", ("gpt2-xl",)),
+        ("llama-2-7b", ("llama-2-7b",)),
+        ("llama-3-8b", ("llama-3-8b", "llama-3.1-8b")),
+    ):
+        if any(p in tail for p in pats):
+            return key
+    if cfg is None:
+        return None
+    mt, n = getattr(cfg, "model_type", None), _num_layers(model)
+    hidden = getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None))
+    vocab = getattr(cfg, "vocab_size", None)
+    if mt == "llama" and hidden == 576 and n == 30:
+        return "smollm2-135m"
+    if mt == "gpt2" and hidden == 1600 and n == 48:
+        return "gpt2-xl"
+    if mt == "llama" and hidden == 4096 and n == 32:
+        return {32000: "llama-2-7b", 128256: "llama-3-8b"}.get(vocab)
+    return None
+
+
+def _num_layers(model: nn.Module) -> int:
+    try:
+        return default_num_layers(model)
+    except EditError:
+        return 0
+
+
+def generic_hparams(model: nn.Module, method: str) -> dict[str, Any]:
+    """Hyper-parameters for a model without a preset: the embedded model's values with layers scaled by depth."""
+    n = default_num_layers(model)
+    base = {k: (list(v) if isinstance(v, list) else v) for k, v in _SMOLLM2_135M[method].items()}
+    rome_layer = min(n - 1, max(0, round(base["layers"][0] * n / 30)))
+    if method == "memit":
+        base["layers"] = sorted({min(n - 1, max(0, rome_layer - 2 + i)) for i in range(5)})
+    else:
+        base["layers"] = [rome_layer]
+    return base
+
+
+def resolve_hparams(model: nn.Module, method: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Method defaults <- model preset (or :func:`generic_hparams`) <- the non-None entries of ``given``."""
+    name = preset_name(model)
+    if name is not None:
+        preset = HPARAMS[name][method]
+    else:
+        preset = generic_hparams(model, method)
+        if any(given.get(k) is None for k in preset):
+            warnings.warn(
+                f"{method.upper()}: no hyper-parameter preset for this model "
+                f"({getattr(model.config, 'model_type', '?')}, {_num_layers(model)} layers); using {preset} "
+                "(scaled from the SmolLM2-135M preset). Pass layers=... etc. to choose.",
+                stacklevel=3,
+            )
+    out = {**DEFAULTS[method], **preset}
+    out.update({k: v for k, v in given.items() if v is not None})
+    if isinstance(out.get("layers"), int):
+        out["layers"] = [out["layers"]]
+    n = _num_layers(model)
+    for layer in out.get("layers") or []:
+        if not isinstance(layer, int) or not 0 <= layer < n:
+            raise EditError(f"{method.upper()}: layers={out['layers']}: layer {layer!r} is outside the model (0..{n - 1})")
+    if not out.get("layers"):
+        raise EditError(f"{method.upper()}: layers must name at least one layer, got {out.get('layers')!r}")
+    vl = out.get("v_loss_layer")
+    if vl is not None and not (isinstance(vl, int) and max(out["layers"]) <= vl < n):
+        raise EditError(f"{method.upper()}: v_loss_layer={vl!r} must be between the last edited layer and {n - 1}")
+    return out

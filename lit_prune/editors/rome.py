@@ -1,0 +1,147 @@
+"""ROME (Meng et al., 2022): a rank-one update of one MLP output matrix per edit, with the r-ROME fix.
+
+For a request and edited layer l, with W: k -> v the MLP output projection and C = E[k kᵀ] its key statistics::
+
+    k*  = mean over context templates of k at the subject's last token          (compute_ks.py)
+    u   = C⁻¹ k*                                                               (compute_u.py, mom2_adjustment)
+    v*  = v + δ, δ optimised so that the model predicts target_new             (compute_v.py)
+    ΔW  = (v* − W k*) uᵀ / (uᵀ k*)                                              (stored orientation: weights.py)
+
+so that (W + ΔW) k* = v*. The SAME averaged key k* is used in u, in the residual and in the denominator (the
+original code used the bare prompt's key in the last two, which "disables" some edits; Gupta et al., r-ROME).
+Several requests in one call are edited one after another, each computed with the previous ones applied; the
+returned update is their sum (factors concatenated, rank = number of requests). The caller's weights are unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from ..requests import EditRequest
+from .base import EditError, Updates
+from .compute_ks import compute_ks
+from .compute_u import compute_u
+from .compute_v import DeltaForward, DeltaHParams, optimize_delta
+from .locate import LocateEditor, concat_updates, restored_weights
+from .tokens import PromptSet, pad_id, prompt_set
+from .weights import EditedMatrix
+
+
+def _check_positive(owner: str, **values: Any) -> None:
+    for k, v in values.items():
+        if v is not None and not v > 0:
+            raise ValueError(f"{owner}: {k} must be > 0, got {v!r}")
+
+
+class ROME(LocateEditor):
+    """Rank-One Model Editing. ``ROME.for_model(model, tok)`` then ``editor.apply(model, tok, requests)``.
+
+    Every hyper-parameter left as None takes the preset of the edited model (:mod:`lit_prune.editors.presets`):
+    ``layers`` (one layer, or several edited in turn), ``v_num_grad_steps``, ``v_lr``, ``v_loss_layer`` (the layer
+    whose output is read by the loss; default the last), ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``,
+    ``early_stop_loss``, ``mom2_adjustment`` (u = C⁻¹k*; False: u = k*), ``mom2_n_samples`` / ``mom2_max_length``
+    (texts and tokens per text for C, from ``mom2_dataset``). Context templates: the fixed
+    :data:`~lit_prune.editors.tokens.CONTEXT_TEMPLATES` unless ``context_templates`` (strings ending in ``"{}"``) or
+    ``context_template_lengths`` (ROME-style: greedy generations of that many new tokens from 5 seeds per length)
+    are given. Module templates default to the architecture's. ``fast=False`` runs the plain full forward at every
+    optimisation step (same result, slower). ``stats_dir`` defaults to ``cache_dir()/stats``.
+    """
+
+    method = "rome"
+
+    def __init__(
+        self,
+        layers: int | list[int] | None = None,
+        v_num_grad_steps: int | None = None,
+        v_lr: float | None = None,
+        v_loss_layer: int | None = None,
+        v_weight_decay: float | None = None,
+        clamp_norm_factor: float | None = None,
+        kl_factor: float | None = None,
+        early_stop_loss: float | None = None,
+        mom2_adjustment: bool | None = None,
+        mom2_dataset: str = "wiki-offline",
+        mom2_n_samples: int | None = None,
+        mom2_max_length: int | None = None,
+        context_template_lengths: list[int] | None = None,
+        context_templates: list[str] | None = None,
+        rewrite_module_tmp: str | None = None,
+        mlp_module_tmp: str | None = None,
+        layer_module_tmp: str | None = None,
+        layers_module: str | None = None,
+        ln_f_module: str | None = None,
+        lm_head_module: str | None = None,
+        stats_dir: str | None = None,
+        fast: bool = True,
+        progress: bool = True,
+    ) -> None:
+        _check_positive(type(self).__name__, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr,
+                        clamp_norm_factor=clamp_norm_factor, mom2_n_samples=mom2_n_samples,
+                        mom2_max_length=mom2_max_length)
+        for k, v in dict(v_weight_decay=v_weight_decay, kl_factor=kl_factor, early_stop_loss=early_stop_loss).items():
+            if v is not None and v < 0:
+                raise ValueError(f"{type(self).__name__}: {k} must be >= 0, got {v!r}")
+        super().__init__(
+            dict(layers=layers, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr, v_loss_layer=v_loss_layer,
+                 v_weight_decay=v_weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
+                 early_stop_loss=early_stop_loss, mom2_adjustment=mom2_adjustment, mom2_n_samples=mom2_n_samples,
+                 mom2_max_length=mom2_max_length, context_template_lengths=context_template_lengths),
+            rewrite_module_tmp, mlp_module_tmp, layer_module_tmp, layers_module, ln_f_module, lm_head_module,
+            context_templates, mom2_dataset, stats_dir, fast, progress,
+        )
+        self.last_info: list[dict[str, Any]] = []
+        """One record per (request, layer) of the latest :meth:`compute`: loss curve, steps, seconds, fast path."""
+
+    def prepare(self, model: nn.Module, tokenizer: Any) -> None:
+        super().prepare(model, tokenizer)
+        if self.hparams(model)["mom2_adjustment"]:
+            self.load_stats(model, tokenizer)
+
+    def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]) -> Updates:
+        """Updates for ``requests`` (sequential rank-one edits), computed on the current weights, which are left as
+        they were. Raises EditRequestError/EditError naming the request before anything is computed."""
+        reqs = self.check_requests(requests)
+        hp, mats = self.hparams(model), self.matrices(model)
+        templates = self.context_templates(model, tokenizer)
+        sets = [prompt_set(tokenizer, r, templates, where=self.where(i, r)) for i, r in enumerate(reqs)]
+        if hp["mom2_adjustment"]:
+            self.load_stats(model, tokenizer)
+        parts: dict[str, list] = {m.param_name: [] for m in mats.values()}
+        plan = [(i, layer) for i in range(len(reqs)) for layer in sorted(mats)]
+        self.last_info = []
+        with restored_weights(list(mats.values())):
+            for j, (i, layer) in enumerate(plan):
+                t0 = time.perf_counter()
+                up, info = self.edit_one(model, tokenizer, reqs[i], sets[i], mats[layer], layer, hp, templates)
+                what = f"ROME update of '{mats[layer].param_name}' for {self.where(i, reqs[i])}"
+                parts[mats[layer].param_name].append(self.finite_update(up, what))
+                self.last_info.append({**info, "request": i, "layer": layer, "seconds": time.perf_counter() - t0})
+                if j < len(plan) - 1:
+                    mats[layer].add_(up)
+        return concat_updates(parts)
+
+    def edit_one(
+        self, model: nn.Module, tok: Any, req: EditRequest, prompts: PromptSet, mat: EditedMatrix, layer: int,
+        hp: dict[str, Any], templates: list[str],
+    ):
+        """The rank-one update of one request at one layer, and a record of the δ optimisation."""
+        k_star = compute_ks(model, tok, [req], templates, mat.name)[0]
+        solve = (lambda x: self.solve_C(model, tok, mat.name, x)) if hp["mom2_adjustment"] else None
+        u = compute_u(k_star, solve)
+        fast = self.use_fast(model, tok, prompts, layer, "mlp", hp["v_loss_layer"])
+        forward = DeltaForward(model, self.arch(model), prompts, layer, "mlp", hp["v_loss_layer"], fast, pad_id(tok))
+        res = optimize_delta(forward, DeltaHParams(
+            hp["v_num_grad_steps"], hp["v_lr"], hp["v_weight_decay"], hp["clamp_norm_factor"], hp["kl_factor"],
+            hp["early_stop_loss"]))
+        k = k_star.double().to(u.device)
+        denom = u @ k
+        if not bool(denom.isfinite()) or float(denom.abs()) == 0.0:
+            raise EditError(f"ROME: uᵀk* = {float(denom)} for subject {req.subject!r} at '{mat.name}'; "
+                            "the statistics C are singular or non-finite (increase mom2_n_samples)")
+        residual = res.target.double().to(u.device) - mat.value(k_star).double().to(u.device)  # v* − W k*
+        up = mat.update(V=residual, K=u / denom)
+        return up, {"losses": res.losses, "steps": len(res.losses), "fast": fast,
+                    "k_star": k_star, "v_star": res.target}
