@@ -11,6 +11,7 @@ configs/mend_train_smollm2.yaml`` (steps, wall time, the validation curve), then
 Writes benchmarks/results/mend.md and mend.json.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mend.py --run-dir lightning_logs/mend_smollm2/version_0
+    python benchmarks/bench_mend.py --run-dir . --from-json     # rewrite mend.md from mend.json only
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def sequential(model, tok, editor: MEND, examples, n: int) -> dict:
     nb_after = [prefers(model, tok, ex.request.neighborhood_prompts[:1], ex.request.target_true, ex.request.target_new)[0]
                 for ex in exs]
     norms = {p: float(torch.linalg.matrix_norm(model.get_parameter(p) - w0[p], ord=2)) for p in w0}
+    taus = {p: float(torch.linalg.matrix_norm(w.float(), ord=2)) for p, w in w0.items()}
     with torch.no_grad():
         for p, w in w0.items():
             model.get_parameter(p).copy_(w)
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"n": n, "seconds": seconds, "immediate_efficacy": mean(immediate), "retention_efficacy": mean(eff),
             "retention_generalization": mean(gen), "locality_before": mean(nb_before), "locality_after": mean(nb_after),
-            "delta_sigma_max": norms}
+            "delta_sigma_max": norms, "tau": taus}
 
 
 def write_md(res: dict, path: Path) -> None:
@@ -177,8 +179,22 @@ def write_md(res: dict, path: Path) -> None:
         f"{s['retention_generalization']:.2f}",
         f"- neighbourhood locality (true object preferred): {s['locality_before']:.2f} before, "
         f"{s['locality_after']:.2f} after",
-        f"- σ_max(ΔW) after {s['n']} edits: " + ", ".join(f"`{k}` {v:.2f}" for k, v in s["delta_sigma_max"].items()),
+        f"- σ_max(ΔW) after {s['n']} edits (τ = σ_max(W₀), PRUNE's threshold): "
+        + ", ".join(f"`{k}` {v:.1f} (τ {s['tau'][k]:.1f})" for k, v in s["delta_sigma_max"].items()),
         f"- {s['seconds'] / s['n']:.2f} s per edit including the efficacy check",
+        "",
+        "## Sequential MEND editing with train.py",
+        "",
+        "```yaml",
+        "model:",
+        "  model: smollm2-135m",
+        "  editor:",
+        "    class_path: lit_prune.editors.mend.MEND",
+        "    init_args:",
+        "      checkpoint: ~/.cache/lit_prune/mend/smollm2-135m.pt   # written by the training run (export_path)",
+        "```",
+        "",
+        "Add `lit_prune.callbacks.PruneCallback` (e.g. `{mode: deferred}`) to `trainer.callbacks` for MEND + PRUNE.",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -193,7 +209,13 @@ def main() -> None:
     ap.add_argument("--n-mend", type=int, default=10)
     ap.add_argument("--n-rome", type=int, default=3)
     ap.add_argument("--n-seq", type=int, default=20)
+    ap.add_argument("--from-json", action="store_true", help="only rewrite mend.md from the saved mend.json")
     args = ap.parse_args()
+    if args.from_json:
+        res = json.loads((RESULTS / "mend.json").read_text())
+        res["run"]["curve"] = {int(k): v for k, v in res["run"]["curve"].items()}
+        write_md(res, RESULTS / "mend.md")
+        return
 
     run = read_run(Path(args.run_dir))
     model, tok = load_model("smollm2-135m")

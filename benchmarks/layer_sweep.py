@@ -72,12 +72,26 @@ def summarise(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
     }
 
 
-def edit_each(model, tok, editor, cases: list[dict], batch: bool = False) -> tuple[torch.Tensor, list[float]]:
-    """Margins after editing each case alone on the unedited model (or all at once with ``batch``), and seconds per
-    edit."""
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], max_length: int = 128) -> float:
+    """Token-level perplexity of ``texts`` (each truncated to ``max_length`` tokens, one batch, padding masked)."""
+    from lit_prune.editors.tokens import pad_right
+
+    ids = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    x, mask = pad_right(ids, tok.pad_token_id, next(model.parameters()).device)
+    logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    m = mask[:, 1:].float()
+    return float(torch.exp((nll * m).sum() / m.sum()))
+
+
+def edit_each(model, tok, editor, cases: list[dict], batch: bool = False, ppl_texts: list[str] | None = None):
+    """Margins after editing each case alone on the unedited model (or all at once with ``batch``), seconds per
+    edit, and the held-out perplexity ratio (after / before) of each edit."""
     from lit_prune.editors import apply_updates
 
-    rows, secs = [], []
+    rows, secs, ppl = [], [], []
+    base_ppl = perplexity(model, tok, ppl_texts) if ppl_texts else None
     groups = [cases] if batch else [[c] for c in cases]
     for g in groups:
         t0 = time.perf_counter()
@@ -86,9 +100,11 @@ def edit_each(model, tok, editor, cases: list[dict], batch: bool = False) -> tup
         apply_updates(model, ups)
         try:
             rows.append(margins(model, tok, g))
+            if ppl_texts:
+                ppl.append(perplexity(model, tok, ppl_texts) / base_ppl)
         finally:
             apply_updates(model, ups, sign=-1)
-    return torch.cat(rows), secs
+    return torch.cat(rows), secs, ppl
 
 
 def main() -> None:
@@ -114,19 +130,23 @@ def main() -> None:
     all_layers = sorted(set(args.rome_layers) | {x for w in windows for x in w})
     ROME(layers=all_layers, mom2_n_samples=args.mom2_n_samples).load_stats(model, tok)
 
+    from lit_prune.models import load_texts
+
+    ppl_texts = load_texts("wiki-offline")[-16:]  # held out: the statistics use texts from the front
     rows = []
     t_start = time.perf_counter()
     for layer in args.rome_layers:
         ed = ROME(layers=layer, mom2_n_samples=args.mom2_n_samples, progress=False)
-        after, secs = edit_each(model, tok, ed, cases)
+        after, secs, ppl = edit_each(model, tok, ed, cases, ppl_texts=ppl_texts)
         rows.append({"method": "ROME", "layers": [layer], **summarise(before, after),
+                     "ppl_ratio": statistics.mean(ppl), "ppl_ratio_max": max(ppl),
                      "s_per_edit": statistics.median(secs)})
         print(rows[-1], flush=True)
     for w in windows:
         ed = MEMIT(layers=w, mom2_n_samples=args.mom2_n_samples, progress=False)
-        after, secs = edit_each(model, tok, ed, cases, batch=True)
+        after, secs, ppl = edit_each(model, tok, ed, cases, batch=True, ppl_texts=ppl_texts)
         rows.append({"method": "MEMIT (batch)", "layers": w, **summarise(before, after),
-                     "s_per_edit": statistics.median(secs)})
+                     "ppl_ratio": ppl[0], "ppl_ratio_max": ppl[0], "s_per_edit": statistics.median(secs)})
         print(rows[-1], flush=True)
     total = time.perf_counter() - t_start
 
@@ -144,18 +164,20 @@ def main() -> None:
         f"(MEMIT: the {args.n_edits} as one batch), scored, removed. C from {args.mom2_n_samples} wiki-offline texts.",
         "Rates: efficacy / paraphrase = P(new) > P(true) on the edit / rephrased prompt; neighbourhood = "
         "P(true) > P(new) on another subject's prompt; shift = mean |change| of log P(true) − log P(new) there "
-        "(nats); margins = mean log P(new) − log P(true) (nats).",
+        "(nats); margins = mean log P(new) − log P(true) (nats); ppl = perplexity of 16 held-out wiki-offline texts "
+        "after / before the edit (mean and worst over edits; MEMIT: after the whole batch).",
         "",
-        "| method | layers | efficacy | paraphrase | neighbourhood | neigh. shift | eff. margin | para. margin | s/edit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | layers | efficacy | paraphrase | neighbourhood | neigh. shift | eff. margin | para. margin | "
+        "ppl ratio (max) | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| unedited | – | {base['efficacy']:.2f} | {base['paraphrase']:.2f} | {base['neighbourhood']:.2f} | 0 | "
-        f"{base['efficacy_margin']:.2f} | {base['paraphrase_margin']:.2f} | – |",
+        f"{base['efficacy_margin']:.2f} | {base['paraphrase_margin']:.2f} | 1 | – |",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {','.join(map(str, r['layers']))} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} | "
             f"{r['neighbourhood']:.2f} | {r['neighbourhood_shift']:.3f} | {r['efficacy_margin']:.2f} | "
-            f"{r['paraphrase_margin']:.2f} | {r['s_per_edit']:.1f} |"
+            f"{r['paraphrase_margin']:.2f} | {r['ppl_ratio']:.4f} ({r['ppl_ratio_max']:.4f}) | {r['s_per_edit']:.1f} |"
         )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -78,3 +78,32 @@ def test_malformed_data_exits_with_message(tmp_path, tiny_tokenizer, capsys):
     msg = str(e.value.code) + capsys.readouterr().err
     assert "bad.json: record 2: missing field 'subject'" in msg
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_default_config_shows_all_curves(tmp_path):
+    """The shipped default (embedded model, ROME, PRUNE, metric callbacks) on 2 demo edits: every curve is logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("DownstreamEvalCallback"):
+            cb["init_args"]["perplexity_n_texts"] = 10
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(cfg))
+    main(["--config", str(tmp_path / "default.yaml"), "--data.n_edits", "2",
+          "--model.editor.init_args.mom2_n_samples", "100", "--model.export_dir", "null",
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "default" / "version_0"
+    tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    acc = EventAccumulator(str(run)).Reload()
+    for group in ("retention", "immediate", "baseline"):
+        for k in ("efficacy", "generalization", "locality"):
+            vals = [e.value for e in acc.Scalars(f"{group}/{k}")]
+            assert vals and all(0.0 <= v <= 1.0 for v in vals), (group, k, vals)
+    assert [e.step for e in acc.Scalars("retention/efficacy")][-1] == 2
+    ppl = [e.value for e in acc.Scalars("downstream/perplexity")]
+    assert len(ppl) >= 2 and all(1.0 < v < 1000.0 for v in ppl)
+    spectrum = [t for t in tags if t.startswith("spectrum/") and t.endswith("/condition_number")]
+    assert spectrum and all(e.value >= 1.0 for e in acc.Scalars(spectrum[0]))
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["num_edits"] == 2

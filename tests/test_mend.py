@@ -13,7 +13,7 @@ from conftest import make_gpt2, make_llama
 from editing_helpers import toy_requests
 
 from lit_prune.editors.base import EditError, apply_updates
-from lit_prune.editors.mend import MEND, load_hypernetwork, model_info, save_hypernetwork
+from lit_prune.editors.mend import MEND, model_info, save_hypernetwork
 from lit_prune.editors.mend_factors import default_mend_parameters, factor_dims, gradient_factors, orientation
 from lit_prune.editors.mend_hypernet import MENDHypernetwork
 from lit_prune.mend_training import MENDDataModule, MENDTrainingModule, main, pair_locality
@@ -265,7 +265,7 @@ def test_fit_checkpoints_hold_only_the_hypernetwork(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("name", ["mend_train_smollm2.yaml", "mend_train_gpt2xl.yaml"])
-def test_configs_parse(name, data_dir, monkeypatch):
+def test_configs_parse(name, data_dir, monkeypatch, tmp_path):
     """Each shipped MEND config builds its trainer, module and data module (the model loads lazily)."""
     import lit_prune.mend_training as mt
 
@@ -273,7 +273,7 @@ def test_configs_parse(name, data_dir, monkeypatch):
     monkeypatch.setattr(mt.L.Trainer, "fit", lambda self, model, datamodule=None, ckpt_path=None: built.update(m=model, d=datamodule))
     config = Path(__file__).resolve().parents[1] / "configs" / name
     main(["--config", str(config), "--data.path", str(data_dir / "counterfact" / "counterfact-train.json"),
-          "--validate_first", "false", "--trainer.logger", "false"])
+          "--validate_first", "false", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     assert isinstance(built["m"], MENDTrainingModule) and built["m"].hypernet is None
     cfg = yaml.safe_load(config.read_text())
     assert len(built["d"].val_examples) == cfg["data"]["n_val"]
@@ -285,9 +285,10 @@ def test_configs_parse(name, data_dir, monkeypatch):
 @pytest.mark.slow
 def test_trained_hypernetwork_edits_the_embedded_model(smollm, data_dir):
     """The hypernetwork trained by configs/mend_train_smollm2.yaml edits held-out CounterFact records."""
-    path = cache_dir() / "mend" / "smollm2-135m.pt"
-    if not path.is_file():
-        pytest.skip(f"no trained hypernetwork at {path} (python -m lit_prune.mend_training --config configs/mend_train_smollm2.yaml)")
+    trained = [cache_dir() / "mend" / "smollm2-135m.pt", Path(__file__).resolve().parents[1] / "lit_prune" / "data" / "mend_smollm2-135m.pt"]
+    path = next((p for p in trained if p.is_file()), None)
+    if path is None:
+        pytest.skip(f"no trained hypernetwork at {trained} (python -m lit_prune.mend_training --config configs/mend_train_smollm2.yaml)")
     model, tok = smollm
     editor = MEND(str(path))
     dm = MENDDataModule(str(data_dir / "counterfact" / "counterfact-train.json"), n_val=50, n_train=1, seed=0)
@@ -310,7 +311,7 @@ def test_sequential_mend_editing_with_prune_from_train_py(tmp_path, tiny_tokeniz
     data.write_text(json.dumps(toy_requests(4)))
     cfg = {
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
-                    "logger": False, "enable_checkpointing": False,
+                    "logger": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path),
                     "callbacks": [{"class_path": "lit_prune.callbacks.PruneCallback",
                                    "init_args": {"mode": "deferred", "alpha": 1.2}}]},
         "model": {"model": tiny_model_dir,

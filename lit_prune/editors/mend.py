@@ -86,6 +86,7 @@ def save_hypernetwork(hypernet: MENDHypernetwork, path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save(blob, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,23 +3,20 @@
 Module templates take the layer index through ``"{}"``. The edited matrix is the MLP output projection; its input is
 the key ``k`` and its output the value ``v`` (spec §3):
 
-======================  =====================================  ========================================
-model_type               edited matrix (``rewrite_module_tmp``)  stored orientation
-======================  =====================================  ========================================
-gpt2                     ``transformer.h.{}.mlp.c_proj``         ``Conv1D``: (k_dim, v_dim), acts as k @ W
-gptj                     ``transformer.h.{}.mlp.fc_out``         ``nn.Linear``: (v_dim, k_dim), acts as W k
-gpt_neox                 ``gpt_neox.layers.{}.mlp.dense_4h_to_h`` ``nn.Linear``
-llama, mistral, qwen2,   ``model.layers.{}.mlp.down_proj``       ``nn.Linear``
-qwen3, phi3, olmo(2)
-======================  =====================================  ========================================
+- ``gpt2``: ``transformer.h.{}.mlp.c_proj``, a ``Conv1D`` stored (k_dim, v_dim), computing ``k @ W + b``;
+- ``gptj``: ``transformer.h.{}.mlp.fc_out`` (``nn.Linear``, stored (v_dim, k_dim), computing ``W k + b``);
+- ``gpt_neox``: ``gpt_neox.layers.{}.mlp.dense_4h_to_h`` (``nn.Linear``);
+- ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``olmo``, ``olmo2`` (SmolLM2 is ``llama``):
+  ``model.layers.{}.mlp.down_proj`` (``nn.Linear``, no bias).
 
 Hyper-parameter presets (``HPARAMS``) hold the papers' values for gpt2-xl, llama-2-7b and llama-3-8b and values chosen
-for the embedded SmolLM2-135M from ``benchmarks/layer_sweep.py`` (results in ``benchmarks/results/layer_sweep.md``).
-Models without a preset get :func:`generic_hparams`, scaled by depth from the embedded model's choice.
+for the embedded SmolLM2-135M from ``benchmarks/layer_sweep.py`` (results in ``benchmarks/results/layer_sweep.md``)
+and ``benchmarks/bench_editors.py`` (``results/editors.md``). Models without a preset get :func:`generic_hparams`.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -211,8 +208,8 @@ def resolve_hparams(model: nn.Module, method: str, given: dict[str, Any]) -> dic
                 "(scaled from the SmolLM2-135M preset). Pass layers=... etc. to choose.",
                 stacklevel=3,
             )
-    out = {**DEFAULTS[method], **preset}
-    out.update({k: v for k, v in given.items() if v is not None})
+    out = copy.deepcopy({**DEFAULTS[method], **preset})
+    out.update({k: copy.deepcopy(v) for k, v in given.items() if v is not None})
     if isinstance(out.get("layers"), int):
         out["layers"] = [out["layers"]]
     n = _num_layers(model)
