@@ -65,7 +65,7 @@ def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
     runs never see (or leave) a half-written cache; the loser of the race just discards its copy.
     """
     package, fname, pip_cmd = BUNDLED_MODELS[name]
-    target = cache_dir() / "models" / name
+    target = cache_dir() / "models" / f"{name}-v2"  # v2: saved without the GGUF quantization_config
     if (target / "config.json").is_file():
         return target
     gguf = _package_file(package, fname, pip_cmd)
@@ -82,7 +82,9 @@ def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
         gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=fname, dtype=torch.float32)
         steps.update()
         # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one with the same weights.
-        config = AutoConfig.for_model(**gguf_model.config.to_dict())
+        cfg = gguf_model.config.to_dict()
+        cfg.pop("quantization_config", None)  # the weights are dequantized float32: a plain, saveable model
+        config = AutoConfig.for_model(**cfg)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(gguf_model.state_dict())
         if getattr(plain.config, "tie_word_embeddings", False):
