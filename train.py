@@ -6,6 +6,7 @@ data and the callbacks (PruneCallback, metrics); ``--print_config`` prints the f
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -20,6 +21,11 @@ from lit_prune.requests import EditRequestError
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+# A checkpoint is taken after the step's edit by design (it holds the edited weights and the edit log); there is no
+# "pre-optimization state" to save in an editing run.
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+# Lightning's advertisement for its cloud logger is not information about this run.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 class EditingCLI(LightningCLI):

@@ -58,7 +58,7 @@ def make_editor(name: str, model, tok, args):
     if name == "mend":
         from lit_prune.editors.mend import MEND
 
-        return MEND(checkpoint=args.mend_checkpoint)
+        return MEND(args.mend_checkpoint or "smollm2-135m")
     if cls is None:
         raise SystemExit(f"unknown editor '{name}' (rome, memit, ft, mend)")
     return cls.for_model(model, tok)
@@ -122,6 +122,16 @@ def evaluate(model, tok, stream: Stream, views: dict, n: int, requests, args, te
     do_ret = n > 0 and (n % args.eval_every == 0 or n == args.n)
     do_ppl = n % args.ppl_every == 0 or n == args.n
     do_down = n in args.downstream_at and tasks
+    if n == 0:  # every view is the unedited model: evaluate once, record it under each view
+        first = dict(list(views.items())[:1])
+        evaluate_views(model, tok, stream, first, n, requests, args, texts, tasks, rows, run, do_ret, do_ppl, do_down)
+        v0 = next(iter(first))
+        rows += [{**r, "view": v} for v in list(views)[1:] for r in rows if r["view"] == v0 and r["n"] == 0]
+        return
+    evaluate_views(model, tok, stream, views, n, requests, args, texts, tasks, rows, run, do_ret, do_ppl, do_down)
+
+
+def evaluate_views(model, tok, stream, views, n, requests, args, texts, tasks, rows, run, do_ret, do_ppl, do_down):
     for view, alpha in views.items():
         stream.write(alpha)
         rec = {f"spectrum/{k}": v for k, v in stream.spectrum(alpha).items()}
@@ -142,6 +152,8 @@ def evaluate(model, tok, stream: Stream, views: dict, n: int, requests, args, te
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device=args.device)
     requests = load_requests(Path(args.data), n=args.n)
@@ -181,7 +193,14 @@ def run(args) -> None:
             rows_file.write_text("")
         if start == 0:
             rows = []
-            evaluate(model, tok, stream, views, 0, requests, args, texts, tasks, rows, tag)
+            stream_rows = out / f"{args.editor}_stream.jsonl"
+            if run_name == "online" and stream_rows.is_file():  # N = 0 is the unedited model, already evaluated
+                for line in stream_rows.read_text().splitlines():
+                    r = json.loads(line)
+                    if r["n"] == 0 and r["view"] == "none":
+                        rows.append({**r, "run": tag, "view": "online_e"})
+            if not rows:
+                evaluate(model, tok, stream, views, 0, requests, args, texts, tasks, rows, tag)
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         t_edit, t0 = [], time.time()
@@ -218,11 +237,13 @@ def main() -> None:
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    r.add_argument("--eval-every", type=int, default=25)
-    r.add_argument("--ppl-every", type=int, default=10)
-    r.add_argument("--ppl-texts", type=int, default=100)
+    # evaluation schedule sized for 2 CPU cores (one ROME edit is ~10 s there; see docs/results.md)
+    r.add_argument("--eval-every", type=int, default=50)
+    r.add_argument("--ppl-every", type=int, default=25)
+    r.add_argument("--ppl-texts", type=int, default=20)
     r.add_argument("--downstream-at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200])
-    r.add_argument("--downstream-n", type=int, default=40)
+    r.add_argument("--downstream-n", type=int, default=20)
+    r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default=str(DEFAULT_OUT))

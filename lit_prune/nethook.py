@@ -159,3 +159,17 @@ def skip_modules(modules: Iterable[nn.Module], tuple_output: bool = False) -> It
     finally:
         for m in patched:
             del m.forward
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on every parameter of ``model`` (flags restored on exit), so that a
+    backward pass for an activation-level variable (ROME's δ) computes no weight gradients and leaves no ``.grad``."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)

@@ -107,3 +107,29 @@ def test_default_config_shows_all_curves(tmp_path):
     assert spectrum and all(e.value >= 1.0 for e in acc.Scalars(spectrum[0]))
     final = json.loads((run / "final_metrics.json").read_text())
     assert final["num_edits"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2_mend.yaml", "smollm2_mend_prune.yaml"])
+def test_mend_configs_run_sequential_edits(tmp_path, name):
+    """The bundled MEND hypernetwork edits the embedded model from train.py, with and without PRUNE."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
+    cfg["trainer"]["callbacks"] = [cb for cb in cfg["trainer"]["callbacks"]
+                                   if cb["class_path"].rsplit(".", 1)[-1] in ("PruneCallback", "EditMetricsCallback")]
+    (tmp_path / name).write_text(yaml.safe_dump(cfg))
+    main(["--config", str(tmp_path / name), "--data.n_edits", "3", "--model.export_dir", "null",
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    run = next((tmp_path / cfg["trainer"]["logger"]["init_args"]["name"]).glob("version_*"))
+    acc = EventAccumulator(str(run)).Reload()
+    assert [e.step for e in acc.Scalars("retention/efficacy")][-1] == 3
+    assert [e.step for e in acc.Scalars("immediate/efficacy")] == [1, 2, 3]
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["num_edits"] == 3
+    # MEND edits the six layer-27..29 MLP weights; PRUNE logs their spectrum only when it is in the run
+    spectrum = [t for t in acc.Tags()["scalars"] if t.startswith("spectrum/") and t.endswith("/condition_number")]
+    if "prune" in name:
+        assert len(spectrum) == 6 and all("layers.2" in t for t in spectrum)
+    else:
+        assert spectrum == []

@@ -126,6 +126,18 @@ def test_rome_without_mom2_adjustment_uses_key(tiny_gpt2, tiny_tokenizer):
     assert (ortho @ d).abs().max() < 1e-6 * d.abs().max()
 
 
+def test_delta_optimisation_computes_no_weight_gradients(tiny_gpt2, tiny_tokenizer):
+    """A trainable model (requires_grad=True) is edited without weight gradients: no .grad left, flags restored."""
+    tiny_gpt2.requires_grad_(True)
+    tiny_gpt2.transformer.wte.weight.requires_grad_(False)
+    ed = ROME(layers=0, context_templates=TEMPLATES, mom2_adjustment=False, **FAST_HP)
+    ed.compute(tiny_gpt2, tiny_tokenizer, REQS[:1])
+    assert ed.last_info[0]["steps"] > 1
+    assert all(p.grad is None for p in tiny_gpt2.parameters())
+    flags = {n: p.requires_grad for n, p in tiny_gpt2.named_parameters()}
+    assert not flags.pop("transformer.wte.weight") and all(flags.values())
+
+
 @pytest.mark.parametrize("where", ["mlp", "layer"])
 @pytest.mark.parametrize("loss_layer", [None, 1])
 def test_fast_forward_equals_plain(tiny_model, where, loss_layer):

@@ -17,7 +17,6 @@ from lit_prune.editors.mend import MEND, model_info, save_hypernetwork
 from lit_prune.editors.mend_factors import default_mend_parameters, factor_dims, gradient_factors, orientation
 from lit_prune.editors.mend_hypernet import MENDHypernetwork
 from lit_prune.mend_training import MENDDataModule, MENDTrainingModule, main, pair_locality
-from lit_prune.models import cache_dir
 from lit_prune.requests import EditRequest
 
 REQUESTS = [
@@ -284,13 +283,10 @@ def test_configs_parse(name, data_dir, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_trained_hypernetwork_edits_the_embedded_model(smollm, data_dir):
-    """The hypernetwork trained by configs/mend_train_smollm2.yaml edits held-out CounterFact records."""
-    trained = [cache_dir() / "mend" / "smollm2-135m.pt", Path(__file__).resolve().parents[1] / "lit_prune" / "data" / "mend_smollm2-135m.pt"]
-    path = next((p for p in trained if p.is_file()), None)
-    if path is None:
-        pytest.skip(f"no trained hypernetwork at {trained} (python -m lit_prune.mend_training --config configs/mend_train_smollm2.yaml)")
+    """The bundled hypernetwork (trained by configs/mend_train_smollm2.yaml) edits held-out CounterFact records."""
     model, tok = smollm
-    editor = MEND(str(path))
+    editor = MEND()  # default: the bundled "smollm2-135m" hypernetwork
+    assert Path(editor.checkpoint).name == "mend-smollm2-135m.pt" and Path(editor.checkpoint).is_file()
     dm = MENDDataModule(str(data_dir / "counterfact" / "counterfact-train.json"), n_val=50, n_train=1, seed=0)
     module = MENDTrainingModule(export_path=None)
     module.set_model(model, tok)

@@ -6,12 +6,16 @@
     editor = ROME.for_model(model, tokenizer)          # preset for this model, statistics computed or loaded
     updates = editor.apply(model, tokenizer, [{"prompt": "{} is located in", "subject": "The Eiffel Tower",
                                               "target_new": "Rome", "target_true": "Paris"}])
+
+``MEND`` edits with a trained hypernetwork (``MEND("smollm2-135m")`` loads the one bundled for the embedded model;
+train others with ``python -m lit_prune.mend_training``).
 """
 
 from . import presets
 from .base import EditError, Editor, LowRankUpdate, Updates, apply_updates, check_updates
 from .ft import FT
 from .memit import MEMIT
+from .mend import MEND
 from .presets import ARCHITECTURES, HPARAMS, ArchTemplates
 from .rome import ROME
 
@@ -24,6 +28,7 @@ __all__ = [
     "HPARAMS",
     "LowRankUpdate",
     "MEMIT",
+    "MEND",
     "ROME",
     "Updates",
     "apply_updates",

@@ -255,7 +255,7 @@ def optimize_delta(forward: DeltaForward, hp: DeltaHParams) -> DeltaResult:
     kl_init: Tensor | None = None
     v_init: Tensor | None = None
     losses: list[float] = []
-    with torch.enable_grad():
+    with torch.enable_grad(), nethook.frozen(forward.model):
         for it in range(hp.v_num_grad_steps):
             opt.zero_grad()
             logp_t, kl_logp, v0 = forward(delta)

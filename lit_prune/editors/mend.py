@@ -94,9 +94,24 @@ def save_hypernetwork(hypernet: MENDHypernetwork, path: str | Path) -> Path:
     return path
 
 
+# Hypernetworks shipped in the package, by the model name they were trained for. The SmolLM2 one (4.4 MB) is
+# bundled because training it takes ~22 min on 2 CPU cores (benchmarks/results/mend.md); it keeps MEND usable
+# offline from a fresh install, like the embedded model itself.
+BUNDLED = {"smollm2-135m": "mend-smollm2-135m.pt"}
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A checkpoint path, or a bundled hypernetwork's name (a key of :data:`BUNDLED`) -> its file in the package."""
+    key = str(name)
+    if key in BUNDLED and not Path(key).exists():
+        return Path(__file__).resolve().parents[1] / "data" / BUNDLED[key]
+    return Path(key).expanduser()
+
+
 def load_hypernetwork(path: str | Path) -> MENDHypernetwork:
-    """A hypernetwork from a file of :func:`save_hypernetwork` or a ``MENDTrainingModule`` Lightning checkpoint."""
-    path = Path(path).expanduser()
+    """A hypernetwork from a file of :func:`save_hypernetwork`, a ``MENDTrainingModule`` Lightning checkpoint, or a
+    bundled name (``"smollm2-135m"``)."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise EditError(f"MEND checkpoint not found: '{path}' (train one with `python -m lit_prune.mend_training`)")
     try:
@@ -120,8 +135,9 @@ class MEND(Editor):
     """MEND editor: loads a trained hypernetwork and edits with it, one request batch at a time.
 
     Args:
-        checkpoint: a hypernetwork file written by the training run (``export_path``) or one of its Lightning
-            ``.ckpt`` files. Loaded in the constructor, so a missing or malformed file fails before any model loads.
+        checkpoint: a hypernetwork file written by the training run (``export_path``), one of its Lightning
+            ``.ckpt`` files, or the name of a bundled hypernetwork (``"smollm2-135m"``, the default: trained on
+            CounterFact for the embedded model, layers 27-29 ``up_proj``/``down_proj``). Loaded in the constructor, so a missing or malformed file fails before any model loads.
         params: the weights to edit; ``None`` = those the hypernetwork was trained for. A different list raises
             :class:`EditError` naming both.
 
@@ -130,8 +146,8 @@ class MEND(Editor):
     non-zero gradient. Each call works on the model's current weights, so sequential editing needs no state here.
     """
 
-    def __init__(self, checkpoint: str, params: list[str] | None = None) -> None:
-        self.checkpoint = str(Path(checkpoint).expanduser())
+    def __init__(self, checkpoint: str = "smollm2-135m", params: list[str] | None = None) -> None:
+        self.checkpoint = str(resolve_checkpoint(checkpoint))
         self.hypernet = load_hypernetwork(self.checkpoint)
         if params is not None and list(params) != self.hypernet.params:
             raise EditError(
