@@ -71,24 +71,27 @@ def report(out: Path, doc: Path) -> str:
         lines.append(f"| {editor.upper()} | {LABELS.get(view, view)} | {nmax} | " + " | ".join(vals) + " |")
     table = "\n".join(lines)
 
-    # plots: condition number (log) and ΔW σ_max, perplexity, efficacy vs N; one figure per editor
+    # plots per editor: κ(W) (log) and σ_max(ΔW) of each edited matrix's worst case, perplexity, efficacy vs N;
+    # and the downstream task scores vs N
     made = []
     for editor in editors:
-        views = [v for (e, v) in s if e == editor]
+        views = sorted(v for (e, v) in s if e == editor)
         params = sorted({"/".join(k.split("/")[1:-1]) for v in views for k in s[(editor, v)] if k.startswith("spectrum/")})
-        fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-        for v in sorted(views):
+        fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
+        for v in views:
             m = s[(editor, v)]
-            p = params[-1] if params else None
-            if p:
-                for ax, k in ((axes[0], f"spectrum/{p}/condition_number"), (axes[1], f"spectrum/{p}/delta_sigma_max")):
-                    pts = sorted(m.get(k, {}).items())
-                    ax.plot([a for a, _ in pts], [b for _, b in pts], label=LABELS.get(v, v))
-            for ax, k in ((axes[2], "downstream/perplexity"), (axes[3], "retention/efficacy")):
+            for ax, what in ((axes[0], "condition_number"), (axes[1], "delta_sigma_max")):
+                # the largest value over the edited matrices at each N (MEMIT and MEND edit several)
+                ns = sorted(set().union(*(m.get(f"spectrum/{p}/{what}", {}).keys() for p in params))) if params else []
+                ys = [max(m.get(f"spectrum/{p}/{what}", {}).get(n, float("nan")) for p in params) for n in ns]
+                ax.plot(ns, ys, label=LABELS.get(v, v))
+            for ax, k in ((axes[2], "downstream/perplexity"), (axes[3], "retention/efficacy"),
+                          (axes[4], "retention/locality")):
                 pts = sorted(m.get(k, {}).items())
                 ax.plot([a for a, _ in pts], [b for _, b in pts], marker=".", label=LABELS.get(v, v))
         axes[0].set_yscale("log")
-        titles = [f"κ(W) of {params[-1] if params else ''}", "σ_max(ΔW)", "held-out perplexity", "retention efficacy"]
+        titles = ["κ(W), largest over the edited matrices (log)", "σ_max(ΔW), largest over the edited matrices",
+                  "held-out perplexity", "retention efficacy", "retention locality"]
         for ax, t in zip(axes, titles):
             ax.set_title(t, fontsize=9)
             ax.set_xlabel("number of edits N")
@@ -97,9 +100,29 @@ def report(out: Path, doc: Path) -> str:
         fig.suptitle(f"{editor.upper()} on SmolLM2-135M, sequential CounterFact edits")
         fig.tight_layout()
         path = figdir / f"{editor}_curves.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         made.append(path)
+
+        tasks = [c for c, _, _ in COLUMNS if c.startswith("downstream/") and c != "downstream/perplexity"]
+        if any(s[(editor, v)].get(t) for v in views for t in tasks):
+            fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8))
+            for v in views:
+                for ax, t in zip(axes, tasks):
+                    pts = sorted(s[(editor, v)].get(t, {}).items())
+                    ax.plot([a for a, _ in pts], [b * 100 for _, b in pts], marker="o", label=LABELS.get(v, v))
+            for ax, t in zip(axes, tasks):
+                ax.set_title(t.split("/")[1], fontsize=9)
+                ax.set_xlabel("number of edits N")
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel("score ×100")
+            axes[0].legend(fontsize=8)
+            fig.suptitle(f"{editor.upper()}: downstream tasks vs N (reduced example counts, see set-up)")
+            fig.tight_layout()
+            path = figdir / f"{editor}_downstream.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            made.append(path)
 
     setup = json.loads((out / "setup.json").read_text()) if (out / "setup.json").is_file() else {}
     findings = (out / "findings.md").read_text() if (out / "findings.md").is_file() else "(no findings written yet)"
