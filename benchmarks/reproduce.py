@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -169,8 +170,13 @@ def run(args) -> None:
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
     setup.update({
         "model": args.model, "device": args.device, "torch": torch.__version__,
-        "data": f"first {args.n} records of {Path(args.data).name} (CounterFact, EasyEdit format), batch size 1",
-        f"{args.editor} editor": f"{type(editor).__name__}, edited parameters {names}; hyper-parameters {getattr(editor, 'hparams', '')}",
+        "data": f"the first N records of {Path(args.data).name} (CounterFact, EasyEdit format) in order, batch size 1; "
+                "N per run in the tables",
+        f"{args.editor} editor": f"{type(editor).__name__}, edited parameters {names}; " + (
+            f"hyper-parameters {editor.hparams(model)}" if hasattr(editor, "hparams")
+            else f"hypernetwork {getattr(editor, 'checkpoint', '')}"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s) per "
+                   "process (the editors' sweeps may run as parallel processes; time/* rows are wall-clock)",
         "perplexity": f"{args.ppl_texts} last bundled wiki summaries (held out from the statistics), ≤256 tokens, every {args.ppl_every} edits",
         "retention": f"every {args.eval_every} edits and at N",
         "downstream": f"{args.downstream_n} examples per task at N in {args.downstream_at} (paper: 358/149/261/299)",
