@@ -67,6 +67,8 @@ class PruneCallback(L.Callback):
     are part of the callback's checkpoint state, so a resumed run never takes edited weights as W₀ and continues
     bit-identically. The computation is deterministic and uses no collectives, so every rank gets the same result.
     Memory: one copy of each listed matrix (W₀), plus one more in deferred mode while the view is written.
+    ``SequentialEditingModule.undo`` takes part through :meth:`check_undo` / :meth:`before_undo` /
+    :meth:`after_undo`: exact in deferred mode, refused in online mode once a restraint changed the weights.
     """
 
     def __init__(
@@ -111,6 +113,8 @@ class PruneCallback(L.Callback):
         self._spare: dict[str, Tensor] = {}  # deferred mode: reused buffers for the unrestrained weights
         self._last_step = -1
         self._view_step: int | None = None
+        self._changed_at = -1  # online mode: number of edits when a restraint last changed the weights
+        self._undo_view = False
 
     @property
     def state_key(self) -> str:
@@ -244,12 +248,16 @@ class PruneCallback(L.Callback):
                     f"PruneCallback: update for {key!r} has shape {(A.shape[0], B.shape[0])}, "
                     f"parameter is {tuple(p.shape)}"
                 )
-            st = self._mats[name]
-            self._to_device(st, p.device)
-            cd = torch.float64 if torch.float64 in (A.dtype, p.dtype) else torch.float32
-            A, B = A.detach().to(p.device, cd), B.detach().to(p.device, cd)
-            st["A"] = A if st["A"] is None else torch.cat([st["A"].to(cd), A], 1)
-            st["B"] = B if st["B"] is None else torch.cat([st["B"].to(cd), B], 1)
+            self._append(name, p, A, B)
+
+    def _append(self, name: str, p: Tensor, A: Tensor, B: Tensor) -> None:
+        """ΔW += A Bᵀ for the accumulated factors of ``name`` (A: (m, r), B: (n, r), in p's orientation)."""
+        st = self._mats[name]
+        self._to_device(st, p.device)
+        cd = torch.float64 if torch.float64 in (A.dtype, p.dtype) else torch.float32
+        A, B = A.detach().to(p.device, cd), B.detach().to(p.device, cd)
+        st["A"] = A if st["A"] is None else torch.cat([st["A"].to(cd), A], 1)
+        st["B"] = B if st["B"] is None else torch.cat([st["B"].to(cd), B], 1)
 
     @staticmethod
     def _to_device(st: dict[str, Any], device: torch.device) -> None:
@@ -274,7 +282,7 @@ class PruneCallback(L.Callback):
         return restraint_of(svd, st["tau"], self.alpha, self.kind)
 
     @torch.no_grad()
-    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool = True) -> None:
         """Write W₀ + ΔŴ into every listed matrix (online: for good; deferred: as the view, keeping the original)."""
         if self.mode == "deferred":
             self._restore_unrestrained(pl_module)  # ΔW is always taken from the unrestrained weights
@@ -287,6 +295,8 @@ class PruneCallback(L.Callback):
             st = self._mats[name]
             CA, CB = res.correction()  # ΔŴ − ΔW: only the directions F changes
             if CA.shape[1] > 0:
+                if self.mode == "online":
+                    self._changed_at = num_edits(pl_module)
                 if self.mode == "deferred":
                     st["stash"] = self._stash_buffer(name, p).copy_(p)
                 if p.dtype == CA.dtype:
@@ -298,7 +308,8 @@ class PruneCallback(L.Callback):
             results[name] = res
         if self.mode == "deferred":
             self._view_step = trainer.global_step
-        self._log(trainer, pl_module, results)
+        if log:
+            self._log(trainer, pl_module, results)
 
     def _stash_buffer(self, name: str, p: Tensor) -> Tensor:
         """A reusable buffer for the unrestrained copy of ``p`` (deferred mode): no new allocation per step."""
@@ -329,6 +340,47 @@ class PruneCallback(L.Callback):
         if metrics:
             log_metrics(trainer, metrics, step=x)
 
+    # -- undo (called by SequentialEditingModule.undo) -------------------------------------------------------------
+    def check_undo(self, pl_module: L.LightningModule, records: Sequence[Any]) -> None:
+        """Raise before any weight changes if the edit batches ``records`` (``EditRecord``) cannot be undone exactly.
+
+        Deferred mode: always possible (ΔW is kept unrestrained). Online mode: only while no restraint has changed
+        the weights since the oldest of them, because later edits were computed on, and the written weights hold,
+        the restrained update, which no longer contains the edit's own update.
+        """
+        if not self._tags or not records:
+            return
+        before = num_edits(pl_module) - sum(len(r.requests) for r in records)  # edits left after the undo
+        if self.mode == "online" and self._changed_at > before:
+            raise ValueError(
+                f"undo: PruneCallback (online) restrained the weights after edit {self._changed_at}, and the undo "
+                f"would go back to edit {before}; the restrained weights no longer contain those edits' updates, so "
+                "they cannot be removed exactly. Use PruneCallback(mode='deferred') to keep edits undoable."
+            )
+
+    def before_undo(self, pl_module: L.LightningModule, records: Sequence[Any]) -> None:
+        """Deferred mode: put the unrestrained weights back, so the module subtracts from the edit stream itself."""
+        self._undo_view = self.mode == "deferred" and self._view_current(pl_module.trainer)
+        if self.mode == "deferred":
+            self._restore_unrestrained(pl_module)
+
+    @torch.no_grad()
+    def after_undo(self, pl_module: L.LightningModule, records: Sequence[Any]) -> None:
+        """Remove the undone updates from the accumulated factors; rewrite the restrained view if it was shown."""
+        if self._lowrank:
+            for rec in records:
+                for key, up in rec.updates.items():
+                    name = self._alias.get(key)
+                    if name in self._tags:
+                        A, B = (up.A, up.B) if hasattr(up, "A") else up
+                        A, B = (A[:, None] if A.dim() == 1 else A), (B[:, None] if B.dim() == 1 else B)
+                        self._append(name, pl_module.get_parameter(name), -A, B)
+        ups = getattr(pl_module, "last_updates", None)
+        self._seen = (ups, list(ups.values())) if ups else None  # the previous batch's updates are already counted
+        if self._undo_view:
+            self._apply(pl_module.trainer, pl_module, log=False)
+            self._undo_view = False
+
     # -- checkpoint state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         mats = {n: dict(st) for n, st in self._mats.items()}
@@ -339,6 +391,7 @@ class PruneCallback(L.Callback):
             "matrices": mats,
             "last_step": self._last_step,
             "view_step": self._view_step,
+            "changed_at": self._changed_at,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -357,3 +410,4 @@ class PruneCallback(L.Callback):
             rank_zero_warn(f"PruneCallback: checkpoint has no W0 for {missing}; using the snapshot taken at setup")
         self._last_step = int(state_dict.get("last_step", -1))
         self._view_step = state_dict.get("view_step")
+        self._changed_at = int(state_dict.get("changed_at", -1))

@@ -179,19 +179,29 @@ class SequentialEditingModule(L.LightningModule):
     def undo(self, k: int = 1) -> list[EditRecord]:
         """Subtract the updates of the last ``k`` logged edit batches (newest first); returns the removed records.
 
-        Exact for the unrestrained edit stream (no PruneCallback, or before a restrained view was written): the
-        weights return to the state before those edits up to float rounding.
+        The weights return to the state before those edits, up to float rounding. Callbacks of the attached trainer
+        that track the weights take part (:class:`lit_prune.callbacks.PruneCallback`: ``check_undo``,
+        ``before_undo``, ``after_undo``): in deferred mode the undone updates leave the accumulated ΔW and the
+        restrained view is rewritten; in online mode undo is refused (``ValueError``, nothing changed) once a
+        restraint has changed the weights after the oldest undone edit.
         """
         if not 0 <= k <= len(self.edit_log):
             raise ValueError(f"undo: k must be between 0 and {len(self.edit_log)} (logged edit batches), got {k}")
-        removed = []
-        for _ in range(k):
-            rec = self.edit_log.pop()
+        records = self.edit_log[len(self.edit_log) - k:][::-1]
+        trainer = getattr(self, "_trainer", None)
+        hooks = [cb for cb in (trainer.callbacks if trainer is not None else []) if hasattr(cb, "check_undo")]
+        for cb in hooks:
+            cb.check_undo(self, records)
+        for cb in hooks:
+            cb.before_undo(self, records)
+        for rec in records:
+            self.edit_log.pop()
             apply_updates(self.model, rec.updates, sign=-1.0)
             self.num_edits -= len(rec.requests)
-            removed.append(rec)
         self.last_updates = self.edit_log[-1].updates if self.edit_log else {}
-        return removed
+        for cb in hooks:
+            cb.after_undo(self, records)
+        return records
 
     # -- checkpoints: only what editing changed ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -310,6 +310,82 @@ def test_with_sequential_editing_module(tmp_path, tiny_tokenizer):
     assert close(back.get_parameter(param), expected)  # the exported model is the restrained view
 
 
+def _editing_setup(tmp_path, tiny_tokenizer, n):
+    import json
+
+    from conftest import make_llama
+    from editing_helpers import toy_requests
+
+    model_dir, data = tmp_path / "tiny-llama", tmp_path / "edits.json"
+    make_llama(tiny_tokenizer).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data.write_text(json.dumps(toy_requests(n)))
+    return str(model_dir), str(data)
+
+
+def test_undo_with_deferred_prune_keeps_stream_and_view(tmp_path, tiny_tokenizer):
+    """undo under deferred PRUNE: the undone updates leave ΔW, the view is rewritten, later edits continue exactly."""
+    from editing_helpers import ToyEditor
+
+    from lit_prune import EditDataModule, SequentialEditingModule
+
+    param = "model.layers.1.mlp.down_proj.weight"
+    model_dir, data = _editing_setup(tmp_path, tiny_tokenizer, 5)
+
+    def free_weights(steps):
+        m = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=8.0))
+        make_trainer(tmp_path / f"free{steps}", [], max_steps=steps).fit(m, datamodule=EditDataModule(path=data))
+        return m.model.get_parameter(param).detach().clone()
+
+    W3, W5 = free_weights(3), free_weights(5)
+    module = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=8.0))
+    W0 = module.model.get_parameter(param).detach().clone()
+    cb = PruneCallback(mode="deferred")
+    make_trainer(tmp_path / "a", [cb]).fit(module, datamodule=EditDataModule(path=data))
+    assert n_above(W0, W3) > 0 and n_above(W0, W5) > 0
+    assert close(module.model.get_parameter(param), ref_restrain(W0.numpy(), W5.numpy()))
+
+    removed = module.undo(2)
+    assert [r.case_ids for r in removed] == [[4], [3]] and module.num_edits == 3
+    assert close(module.model.get_parameter(param), ref_restrain(W0.numpy(), W3.numpy()))  # view of 3 edits
+    st = cb._mats[next(n for n, t in cb._tags.items() if t == param)]
+    assert close(st["A"].double() @ st["B"].double().T, (W3 - W0).double(), tol=1e-5)  # ΔW without the undone
+
+    make_trainer(tmp_path / "b", [cb]).fit(module, datamodule=EditDataModule(path=data))  # edits 3, 4 again
+    assert module.num_edits == 5
+    assert close(module.model.get_parameter(param), ref_restrain(W0.numpy(), W5.numpy()))
+
+
+def test_undo_with_online_prune(tmp_path, tiny_tokenizer):
+    """Online mode: undo is refused (nothing changed) once a restraint changed the weights, allowed before."""
+    from editing_helpers import ToyEditor
+
+    from lit_prune import EditDataModule, SequentialEditingModule
+
+    param = "model.layers.1.mlp.down_proj.weight"
+    model_dir, data = _editing_setup(tmp_path, tiny_tokenizer, 4)
+    module = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=8.0))
+    make_trainer(tmp_path / "a", [PruneCallback(mode="online")]).fit(module, datamodule=EditDataModule(path=data))
+    before = module.model.get_parameter(param).detach().clone()
+    with pytest.raises(ValueError, match=r"PruneCallback \(online\) restrained the weights after edit \d"):
+        module.undo(1)
+    assert torch.equal(module.model.get_parameter(param), before) and module.num_edits == 4
+
+    # small edits: nothing reaches τ, the restraint never changes the weights, undo stays exact
+    small = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=0.01))
+    make_trainer(tmp_path / "s1", [], max_steps=2).fit(
+        ref := SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=0.01)),
+        datamodule=EditDataModule(path=data))
+    cb = PruneCallback(mode="online")
+    make_trainer(tmp_path / "s2", [cb]).fit(small, datamodule=EditDataModule(path=data))
+    small.undo(2)
+    W2 = ref.model.get_parameter(param).detach()
+    assert close(small.model.get_parameter(param), W2, tol=1e-6)
+    st = cb._mats[next(n for n, t in cb._tags.items() if t == param)]
+    dW2 = sum(u.dense(torch.float64) for rec in ref.edit_log for u in rec.updates.values())  # not W2 − W0: rounding
+    assert close(st["A"].double() @ st["B"].double().T, dW2, tol=1e-5)
+
+
 # -- resume ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,mode", [("fake", "deferred"), ("fake", "online"), ("plain", "deferred")])
 def test_resume_reproduces_uninterrupted_run(tmp_path, kind, mode):
