@@ -118,36 +118,41 @@ class Stream:
         self.write(None)
 
 
-def evaluate(model, tok, stream: Stream, views: dict, n: int, requests, args, texts, tasks, rows: list, run: str):
-    """Evaluate each view of the stream at N = n edits; appends rows {run, view, n, metric, value}."""
-    do_ret = n > 0 and (n % args.eval_every == 0 or n == args.n)
-    do_ppl = n % args.ppl_every == 0 or n == args.n
-    do_down = n in args.downstream_at and tasks
-    if n == 0:  # every view is the unedited model: evaluate once, record it under each view
-        first = dict(list(views.items())[:1])
-        evaluate_views(model, tok, stream, first, n, requests, args, texts, tasks, rows, run, do_ret, do_ppl, do_down)
-        v0 = next(iter(first))
-        rows += [{**r, "view": v} for v in list(views)[1:] for r in rows if r["view"] == v0 and r["n"] == 0]
-        return
-    evaluate_views(model, tok, stream, views, n, requests, args, texts, tasks, rows, run, do_ret, do_ppl, do_down)
+class Evaluator:
+    """What is measured at N edits, with the data it needs (requests, held-out texts, downstream examples)."""
 
+    def __init__(self, model, tok, requests, texts, tasks: dict, args) -> None:
+        self.model, self.tok, self.requests, self.texts, self.tasks, self.args = model, tok, requests, texts, tasks, args
 
-def evaluate_views(model, tok, stream, views, n, requests, args, texts, tasks, rows, run, do_ret, do_ppl, do_down):
-    for view, alpha in views.items():
-        stream.write(alpha)
-        rec = {f"spectrum/{k}": v for k, v in stream.spectrum(alpha).items()}
-        if do_ppl:
-            s, c = text_nll(model, tok, texts, batch_size=args.batch_size, max_length=256)
-            rec["downstream/perplexity"] = math.exp(s / c)
-        if do_ret:
-            rec.update({f"retention/{k}": v for k, v in score_requests(model, tok, requests[:n], batch_size=args.batch_size).items()})
-        if do_down:
-            for task, exs in tasks.items():
-                m = new_task_metric(task, sync_on_compute=False)
-                update_task_metric(m, task, model, tok, exs, batch_size=args.batch_size, max_length=1024)
-                rec.update({f"downstream/{k}": v for k, v in task_values(task, m.compute()).items()})
-        rows += [{"run": run, "view": view, "n": n, "metric": k, "value": float(v)} for k, v in rec.items()]
-    stream.write(None)
+    def __call__(self, stream: Stream, views: dict, n: int, run: str) -> list[dict]:
+        """Rows {run, view, n, metric, value} for each view of ``stream`` at N = ``n`` edits.
+
+        At N = 0 every view is the unedited model: it is evaluated once and its rows are repeated under each view.
+        """
+        a = self.args
+        do_ret = n > 0 and (n % a.eval_every == 0 or n == a.n)
+        do_ppl = n % a.ppl_every == 0 or n == a.n
+        do_down = n in a.downstream_at and self.tasks
+        rows = []
+        for view, alpha in list(views.items())[: 1 if n == 0 else None]:
+            stream.write(alpha)
+            rec = {f"spectrum/{k}": v for k, v in stream.spectrum(alpha).items()}
+            if do_ppl:
+                s, c = text_nll(self.model, self.tok, self.texts, batch_size=a.batch_size, max_length=256)
+                rec["downstream/perplexity"] = math.exp(s / c)
+            if do_ret:
+                scores = score_requests(self.model, self.tok, self.requests[:n], batch_size=a.batch_size)
+                rec.update({f"retention/{k}": v for k, v in scores.items()})
+            if do_down:
+                for task, exs in self.tasks.items():
+                    m = new_task_metric(task, sync_on_compute=False)
+                    update_task_metric(m, task, self.model, self.tok, exs, batch_size=a.batch_size, max_length=1024)
+                    rec.update({f"downstream/{k}": v for k, v in task_values(task, m.compute()).items()})
+            rows += [{"run": run, "view": view, "n": n, "metric": k, "value": float(v)} for k, v in rec.items()]
+        stream.write(None)
+        if n == 0:
+            rows += [{**r, "view": v} for v in list(views)[1:] for r in rows]
+        return rows
 
 
 def run(args) -> None:
@@ -165,6 +170,7 @@ def run(args) -> None:
             if (DATA / "downstream" / f).is_file():
                 tasks[t] = load_examples(t, DATA / "downstream" / f, n=args.downstream_n)
     editor = make_editor(args.editor, model, tok, args)
+    evaluate = Evaluator(model, tok, requests, texts, tasks, args)
     names = editor.edited_parameters(model)
     setup_file = out / "setup.json"
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
@@ -206,7 +212,7 @@ def run(args) -> None:
                     if r["n"] == 0 and r["view"] == "none":
                         rows.append({**r, "run": tag, "view": "online_e"})
             if not rows:
-                evaluate(model, tok, stream, views, 0, requests, args, texts, tasks, rows, tag)
+                rows = evaluate(stream, views, 0, tag)
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         t_edit, t0 = [], time.time()
@@ -219,7 +225,7 @@ def run(args) -> None:
             t_edit.append(time.perf_counter() - t)
             rows = [{"run": tag, "view": "-", "n": i + 1, "metric": "time/edit_s", "value": t_r - t},
                     {"run": tag, "view": "-", "n": i + 1, "metric": "time/restraint_s", "value": time.perf_counter() - t_r}]
-            evaluate(model, tok, stream, views, i + 1, requests, args, texts, tasks, rows, tag)
+            rows += evaluate(stream, views, i + 1, tag)
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             torch.save({"factors": stream.state(), "next": i + 1}, ckpt)

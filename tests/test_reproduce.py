@@ -1,0 +1,101 @@
+"""benchmarks/reproduce.py on a tiny model: resume gives the rows of an uninterrupted sweep, the views and the online
+run agree with an independent restraint, and the report carries the driver's numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "lit_prune" / "data" / "demo_edits.json"
+
+
+@pytest.fixture
+def driver(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script (report_reproduce)
+    spec = importlib.util.spec_from_file_location("reproduce_under_test", ROOT / "benchmarks" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def call(*argv):
+        monkeypatch.setattr(sys, "argv", ["reproduce.py", *map(str, argv)])
+        mod.main()
+
+    return call
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_tokenizer):
+    d = tmp_path / "tiny-llama"
+    make_llama(tiny_tokenizer).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def metrics(rows, view, n):
+    return {r["metric"]: r["value"] for r in rows if r["view"] == view and r["n"] == n}
+
+
+def F(s: float, tau: float, alpha: float) -> float:
+    return math.log(s / tau) / math.log(alpha) + tau if s >= tau else s
+
+
+def test_resume_views_online_and_report(tmp_path, model_dir, driver, capsys):
+    common = ["--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 1, "--ppl-every", 1,
+              "--ppl-texts", 2, "--downstream-n", 0, "--threads", 1]
+    full, part = tmp_path / "full", tmp_path / "part"
+    driver("run", *common, "--n", 3, "--out", full)
+    driver("run", *common, "--n", 2, "--out", part)
+    capsys.readouterr()
+    driver("run", *common, "--n", 3, "--out", part)  # a stopped sweep continues
+    assert "[ft/stream] resuming at edit 2/3" in capsys.readouterr().out
+
+    for run in ("stream", "online"):
+        a = [r for r in rows_of(full / f"ft_{run}.jsonl") if not r["metric"].startswith("time/")]
+        b = [r for r in rows_of(part / f"ft_{run}.jsonl") if not r["metric"].startswith("time/")]
+        assert [(r["view"], r["n"], r["metric"]) for r in a] == [(r["view"], r["n"], r["metric"]) for r in b]
+        np.testing.assert_allclose([r["value"] for r in a], [r["value"] for r in b], rtol=1e-5)
+
+    stream, online = rows_of(full / "ft_stream.jsonl"), rows_of(full / "ft_online.jsonl")
+    assert {r["n"] for r in stream} == {0, 1, 2, 3}
+    m0 = metrics(stream, "none", 0)
+    assert m0 and all(metrics(stream, v, 0) == m0 for v in ("deferred_e", "deferred_1.2"))
+    assert metrics(online, "online_e", 0) == m0  # N = 0 taken over from the stream, not re-evaluated
+    assert set(metrics(stream, "none", 3)) >= {"downstream/perplexity", "retention/efficacy"}
+
+    # independent check of σ_max(ΔW) in each view: numpy SVDs of W₀ and of the saved factors
+    name = next(iter(torch.load(full / "ft_stream.pt", weights_only=False)["factors"]))
+    from transformers import AutoModelForCausalLM
+
+    W0 = AutoModelForCausalLM.from_pretrained(model_dir).get_parameter(name).detach().double().numpy()
+    tau = np.linalg.norm(W0, 2)
+    A, B = torch.load(full / "ft_stream.pt", weights_only=False)["factors"][name]
+    s = np.linalg.svd(A.double().numpy() @ B.double().numpy().T, compute_uv=False)
+    key = f"spectrum/{name}/delta_sigma_max"
+    assert metrics(stream, "none", 3)[key] == pytest.approx(s[0], rel=1e-5)
+    for view, alpha in (("deferred_e", math.e), ("deferred_1.2", 1.2)):
+        assert metrics(stream, view, 3)[key] == pytest.approx(F(s[0], tau, alpha), rel=1e-5)
+    # one edit: online restraint = the deferred view with α = e
+    assert metrics(online, "online_e", 1)[key] == pytest.approx(metrics(stream, "deferred_e", 1)[key], rel=1e-5)
+    assert metrics(online, "online_e", 1)["downstream/perplexity"] == pytest.approx(
+        metrics(stream, "deferred_e", 1)["downstream/perplexity"], rel=1e-4)
+
+    doc = tmp_path / "docs" / "results.md"
+    driver("report", "--out", full, "--doc", doc)
+    text = doc.read_text()
+    ppl = metrics(stream, "none", 3)["downstream/perplexity"]
+    row = next(line for line in text.splitlines() if line.startswith("| FT | no restraint | 3 |"))
+    assert f"{ppl:.2f}" in row
+    assert (doc.parent / "figures" / "ft_curves.png").stat().st_size > 1000
