@@ -54,6 +54,15 @@ def tiny_tokenizer():
 
 
 @pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_tokenizer) -> str:
+    """A saved tiny Llama (``make_llama``) with its tokenizer: a folder any model loader of the project accepts."""
+    d = tmp_path / "tiny-llama"
+    make_llama(tiny_tokenizer).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
 def tiny_gpt2(tiny_tokenizer):
     return make_gpt2(tiny_tokenizer)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_llama
 from editing_helpers import ToyEditor, toy_requests
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -39,11 +38,8 @@ def records() -> list[dict]:
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "tiny-llama"
-    make_llama(tiny_tokenizer).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return str(d)
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture

@@ -226,11 +226,8 @@ def test_checkpoint_for_another_model_or_layers_fails_naming_both(saved_hypernet
 
 # -- the Lightning run ----------------------------------------------------------------------------------------------
 @pytest.fixture
-def tiny_model_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "tiny-llama"
-    make_llama(tiny_tokenizer).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return str(d)
+def tiny_model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def test_fit_checkpoints_hold_only_the_hypernetwork(tmp_path, tiny_model_dir):

@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import make_llama
 from editing_helpers import ToyEditor, toy_requests
 
 from lit_prune import EditDataModule, SequentialEditingModule
@@ -19,11 +18,8 @@ PARAM = "model.layers.1.mlp.down_proj.weight"
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "tiny-llama"
-    make_llama(tiny_tokenizer).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return str(d)
+def model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture

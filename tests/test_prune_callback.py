@@ -275,21 +275,26 @@ def test_plain_module_online_writes_back(tmp_path):
 
 
 # -- the project's own editing module ----------------------------------------------------------------------------------
-def test_with_sequential_editing_module(tmp_path, tiny_tokenizer):
-    """Deferred PRUNE over SequentialEditingModule: the edit stream is the unrestrained one, the export restrained."""
+def edits_file(tmp_path, n: int):
+    """``n`` toy edit records (editing_helpers.toy_requests) written as JSON; returns the path."""
     import json
 
-    from conftest import make_llama
-    from editing_helpers import ToyEditor, toy_requests
+    from editing_helpers import toy_requests
+
+    p = tmp_path / "edits.json"
+    p.write_text(json.dumps(toy_requests(n)))
+    return p
+
+
+def test_with_sequential_editing_module(tmp_path, tiny_llama_dir):
+    """Deferred PRUNE over SequentialEditingModule: the edit stream is the unrestrained one, the export restrained."""
+    from editing_helpers import ToyEditor
     from transformers import AutoModelForCausalLM
 
     from lit_prune import EditDataModule, SequentialEditingModule
 
     param = "model.layers.1.mlp.down_proj.weight"
-    model_dir, data = tmp_path / "tiny-llama", tmp_path / "edits.json"
-    make_llama(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data.write_text(json.dumps(toy_requests(5)))
+    model_dir, data = tiny_llama_dir, edits_file(tmp_path, 5)
 
     free = SequentialEditingModule(model=str(model_dir), editor=ToyEditor(param, scale=8.0))
     W0 = free.model.get_parameter(param).detach().clone()
@@ -310,27 +315,14 @@ def test_with_sequential_editing_module(tmp_path, tiny_tokenizer):
     assert close(back.get_parameter(param), expected)  # the exported model is the restrained view
 
 
-def _editing_setup(tmp_path, tiny_tokenizer, n):
-    import json
-
-    from conftest import make_llama
-    from editing_helpers import toy_requests
-
-    model_dir, data = tmp_path / "tiny-llama", tmp_path / "edits.json"
-    make_llama(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data.write_text(json.dumps(toy_requests(n)))
-    return str(model_dir), str(data)
-
-
-def test_undo_with_deferred_prune_keeps_stream_and_view(tmp_path, tiny_tokenizer):
+def test_undo_with_deferred_prune_keeps_stream_and_view(tmp_path, tiny_llama_dir):
     """undo under deferred PRUNE: the undone updates leave ΔW, the view is rewritten, later edits continue exactly."""
     from editing_helpers import ToyEditor
 
     from lit_prune import EditDataModule, SequentialEditingModule
 
     param = "model.layers.1.mlp.down_proj.weight"
-    model_dir, data = _editing_setup(tmp_path, tiny_tokenizer, 5)
+    model_dir, data = tiny_llama_dir, str(edits_file(tmp_path, 5))
 
     def free_weights(steps):
         m = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=8.0))
@@ -356,14 +348,14 @@ def test_undo_with_deferred_prune_keeps_stream_and_view(tmp_path, tiny_tokenizer
     assert close(module.model.get_parameter(param), ref_restrain(W0.numpy(), W5.numpy()))
 
 
-def test_undo_with_online_prune(tmp_path, tiny_tokenizer):
+def test_undo_with_online_prune(tmp_path, tiny_llama_dir):
     """Online mode: undo is refused (nothing changed) once a restraint changed the weights, allowed before."""
     from editing_helpers import ToyEditor
 
     from lit_prune import EditDataModule, SequentialEditingModule
 
     param = "model.layers.1.mlp.down_proj.weight"
-    model_dir, data = _editing_setup(tmp_path, tiny_tokenizer, 4)
+    model_dir, data = tiny_llama_dir, str(edits_file(tmp_path, 4))
     module = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=8.0))
     make_trainer(tmp_path / "a", [PruneCallback(mode="online")]).fit(module, datamodule=EditDataModule(path=data))
     before = module.model.get_parameter(param).detach().clone()

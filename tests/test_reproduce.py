@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "lit_prune" / "data" / "demo_edits.json"
@@ -33,11 +32,8 @@ def driver(monkeypatch):
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_tokenizer):
-    d = tmp_path / "tiny-llama"
-    make_llama(tiny_tokenizer).save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+def model_dir(tiny_llama_dir):
+    return Path(tiny_llama_dir)
 
 
 def rows_of(path: Path) -> list[dict]:
