@@ -13,8 +13,10 @@ Recorded against N: κ(W) and σ_max(ΔW) of every edited matrix (every edit), p
 (every ``--ppl-every`` edits), retention efficacy/generalization/locality of all edits so far (every
 ``--eval-every``), and the paper's four downstream tasks on ``--downstream-n`` examples each at ``--downstream-at``.
 
-Resumable: the accumulated update factors and every metric row are written to ``--out`` after each edit; a crashed
-sweep continues where it stopped. ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
+Resumable: the accumulated update factors (``<editor>_<run>.pt``) and every metric row (``<editor>_<run>.jsonl``)
+are written to ``--out`` after each edit; a crashed sweep continues where it stopped. The ``.pt`` state stays local
+(gitignored: up to 64 MB per run); the committed rows are what ``report`` reads. Without the state file a run starts
+again from N = 0 and rewrites its rows. ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
 resolver knows, with hub access for hub ids).
 """
 
@@ -180,7 +182,7 @@ def run(args) -> None:
                 "N per run in the tables",
         f"{args.editor} editor": f"{type(editor).__name__}, edited parameters {names}; " + (
             f"hyper-parameters {editor.hparams(model)}" if hasattr(editor, "hparams")
-            else f"hypernetwork {getattr(editor, 'checkpoint', '')}"),
+            else f"hypernetwork {args.mend_checkpoint or 'smollm2-135m (bundled: lit_prune/data/mend-smollm2-135m.pt)'}"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s) per "
                    "process (the editors' sweeps may run as parallel processes; time/* rows are wall-clock)",
         "perplexity": f"{args.ppl_texts} last bundled wiki summaries (held out from the statistics), ≤256 tokens, every {args.ppl_every} edits",
