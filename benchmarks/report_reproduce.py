@@ -140,8 +140,8 @@ def report(out: Path, doc: Path) -> str:
     text += ["", "## Results at the largest N", "",
              "Rates ×100 (retention protocol: all edits so far re-scored on the evaluated model); perplexity on "
              "held-out bundled Wikipedia summaries (lower is better); max κ(W) and σ_max(ΔW) over the edited matrices "
-             "(τ = σ_max(W₀) is 22.9 for ROME's layer 4, 21.2–26.1 for MEMIT's layers 2–6, 14.5–50.3 for MEND's six matrices). A value measured at a "
-             "smaller N than the row's (the evaluation schedule, or a run stopped early) says so.", "", table, ""]
+             "(τ = σ_max(W₀) of each matrix: in the set-up). A value measured at a smaller N than the row's (the "
+             "evaluation schedule, or a run stopped early) says so.", "", table, ""]
     text += ["## Curves", ""] + [f"![{p.stem}](figures/{p.name})" for p in made] + ["", "## Findings", "", findings]
     doc.write_text("\n".join(text) + "\n")
     print(table)

@@ -68,15 +68,18 @@ def make_editor(name: str, model, tok, args):
 
 
 class Stream:
-    """An edit stream on one model: W = W₀ + ΔW for the edited parameters, ΔW kept as factors (A, B), ΔW = A Bᵀ."""
+    """An edit stream on one model: W = W₀ + ΔW for the edited parameters, ΔW kept as factors (A, B), ΔW = A Bᵀ.
 
-    def __init__(self, model, names: list[str], online_alpha: float | None):
-        self.model, self.names, self.online_alpha = model, names, online_alpha
+    ``tau``: τ = σ_max(W₀) per edited parameter (computed once per sweep by the caller).
+    """
+
+    def __init__(self, model, names: list[str], online_alpha: float | None, tau: dict[str, float]):
+        self.model, self.names, self.online_alpha, self.tau = model, names, online_alpha, tau
         params = dict(model.named_parameters())
         self.params = {n: params[n] for n in names}
         self.W0 = {n: p.detach().float().clone() for n, p in self.params.items()}
-        self.tau = {n: sigma_max(w) for n, w in self.W0.items()}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.view: dict[str, torch.Tensor] = {}  # the ΔW last written into the model, per parameter
 
     def add(self, updates) -> None:
         for n, u in updates.items():
@@ -101,13 +104,15 @@ class Stream:
     @torch.no_grad()
     def write(self, alpha: float | None) -> None:
         """Put W₀ + ΔW (``alpha=None``) or W₀ + restrained ΔW (deferred view with base ``alpha``) into the model."""
+        self.view = {n: self.delta(n, alpha) for n in self.params}
         for n, p in self.params.items():
-            p.copy_((self.W0[n] + self.delta(n, alpha)).to(p.dtype))
+            p.copy_((self.W0[n] + self.view[n]).to(p.dtype))
 
-    def spectrum(self, alpha: float | None) -> dict[str, float]:
+    def spectrum(self) -> dict[str, float]:
+        """κ(W₀ + ΔW) and σ_max(ΔW) of the view last written (:meth:`write`), per edited parameter."""
         out = {}
         for n in self.names:
-            d = self.delta(n, alpha)
+            d = self.view[n]
             out[f"{n}/condition_number"] = condition_number(self.W0[n] + d)
             out[f"{n}/delta_sigma_max"] = sigma_max(d) if n in self.factors else 0.0
         return out
@@ -138,7 +143,7 @@ class Evaluator:
         rows = []
         for view, alpha in list(views.items())[: 1 if n == 0 else None]:
             stream.write(alpha)
-            rec = {f"spectrum/{k}": v for k, v in stream.spectrum(alpha).items()}
+            rec = {f"spectrum/{k}": v for k, v in stream.spectrum().items()}
             if do_ppl:
                 s, c = text_nll(self.model, self.tok, self.texts, batch_size=a.batch_size, max_length=256)
                 rec["downstream/perplexity"] = math.exp(s / c)
@@ -174,6 +179,8 @@ def run(args) -> None:
     editor = make_editor(args.editor, model, tok, args)
     evaluate = Evaluator(model, tok, requests, texts, tasks, args)
     names = editor.edited_parameters(model)
+    params = dict(model.named_parameters())
+    tau = {n: sigma_max(params[n].detach()) for n in names}
     setup_file = out / "setup.json"
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
     setup.update({
@@ -183,6 +190,7 @@ def run(args) -> None:
         f"{args.editor} editor": f"{type(editor).__name__}, edited parameters {names}; " + (
             f"hyper-parameters {editor.hparams(model)}" if hasattr(editor, "hparams")
             else f"hypernetwork {args.mend_checkpoint or 'smollm2-135m (bundled: lit_prune/data/mend-smollm2-135m.pt)'}"),
+        f"{args.editor} τ = σ_max(W₀)": {n: round(t, 2) for n, t in tau.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s) per "
                    "process (the editors' sweeps may run as parallel processes; time/* rows are wall-clock)",
         "perplexity": f"{args.ppl_texts} last bundled wiki summaries (held out from the statistics), ≤256 tokens, every {args.ppl_every} edits",
@@ -196,7 +204,7 @@ def run(args) -> None:
         online_alpha, views = runs[run_name]
         tag = f"{args.editor}/{run_name}"
         ckpt, rows_file = out / f"{args.editor}_{run_name}.pt", out / f"{args.editor}_{run_name}.jsonl"
-        stream = Stream(model, names, online_alpha)
+        stream = Stream(model, names, online_alpha, tau)
         start = 0
         if ckpt.is_file():
             st = torch.load(ckpt, weights_only=False)

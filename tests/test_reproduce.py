@@ -77,6 +77,8 @@ def test_resume_views_online_and_report(tmp_path, model_dir, driver, capsys):
 
     W0 = AutoModelForCausalLM.from_pretrained(model_dir).get_parameter(name).detach().double().numpy()
     tau = np.linalg.norm(W0, 2)
+    setup = json.loads((full / "setup.json").read_text())
+    assert setup["ft τ = σ_max(W₀)"][name] == pytest.approx(tau, abs=0.006)  # recorded, rounded to 0.01
     A, B = torch.load(full / "ft_stream.pt", weights_only=False)["factors"][name]
     s = np.linalg.svd(A.double().numpy() @ B.double().numpy().T, compute_uv=False)
     key = f"spectrum/{name}/delta_sigma_max"
