@@ -5,8 +5,8 @@ The accumulated update ΔW has rank 50 or 200, built from rank-one edits a bᵀ 
 so some singular values are restrained. W₀ is Gaussian scaled to σ_max ≈ 20 (SmolLM2's layer-4 down_proj: 22.9).
 
 - callback path: ``PruneCallback.on_train_batch_end`` at a scheduled step, with r − 1 edits already accumulated as
-  factors and the r-th arriving in ``last_updates`` (consume, QR of the factors, r×r SVD, F, write W += correction,
-  recompress), in online and deferred mode (deferred also keeps the unrestrained copy). τ is computed once in
+  factors and the r-th arriving in the module's ``edit_log`` (consume, QR of the factors, r×r SVD, F, write
+  W += correction, recompress when online), in online and deferred mode (deferred also keeps the unrestrained copy). τ is computed once in
   ``setup`` (timed separately: it is not part of a step).
 - reference: numpy float32, what the paper's code does at every application: full SVDs (``full_matrices=True``) of
   ΔW = W − W₀, of W₀ and of W, ``matrix_rank(ΔW)``, F on the first rank values, rebuild W₀ + U_r F(Σ_r) V_rᵀ.
@@ -47,14 +47,19 @@ SIGMA_MAX_W0 = 20.0
 
 
 class Holder(nn.Module):
-    """Stand-in for the editing module: one edited matrix plus what PruneCallback reads (``last_updates``)."""
+    """Stand-in for the editing module: one edited matrix plus what PruneCallback reads (lit_prune.protocols.EditStream:
+    ``edited_parameters``, ``edit_log``, ``num_edits``)."""
 
     def __init__(self, W: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(W, requires_grad=False)
-        self.last_updates: dict[str, LowRankUpdate] = {}
+        self.edit_log: list[SimpleNamespace] = []
         self.edited_parameters = ["weight"]
         self.num_edits = 0
+
+    def log(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.edit_log.append(SimpleNamespace(requests=[None], updates={"weight": LowRankUpdate(A, B)}))
+        self.num_edits += 1
 
 
 def make_problem(m: int, n: int, r: int, seed: int = 0):
@@ -120,7 +125,7 @@ def callback_step(
     cb = PruneCallback(mode=mode, every_n_steps=2, log_spectrum=False)
     trainer = SimpleNamespace(global_step=1, callbacks=[cb], loggers=[])
     if tau is not None:
-        mat = {"W0": W0.clone(), "tau": tau, "A": None, "B": None, "stash": None}
+        mat = {"W0": W0.clone(), "tau": tau, "tracking": "factors", "A": None, "B": None}
         cb.load_state_dict({"matrices": {"weight": mat}, "last_step": -1, "view_step": None})
     t0 = time.perf_counter()
     cb.setup(trainer, holder, "fit")  # snapshot W0, τ = σ_max(W0): once per matrix
@@ -128,7 +133,7 @@ def callback_step(
     r = A.shape[1]
     with torch.no_grad():  # step 1: r − 1 edits arrive (not scheduled: only accumulated)
         holder.weight.add_(A[:, : r - 1] @ B[:, : r - 1].T)
-    holder.last_updates = {"weight": LowRankUpdate(A[:, : r - 1], B[:, : r - 1])}
+    holder.log(A[:, : r - 1], B[:, : r - 1])
     cb.on_train_batch_end(trainer, holder, None, None, 0)
     with torch.no_grad():  # step 2: the r-th edit, then the restraint
         holder.weight.add_(A[:, r - 1 :] @ B[:, r - 1 :].T)
@@ -138,7 +143,8 @@ def callback_step(
     for _ in range(repeats):
         cb.load_state_dict(copy.deepcopy(state))
         holder.weight.data.copy_(W_before)
-        holder.last_updates = {"weight": LowRankUpdate(A[:, r - 1 :], B[:, r - 1 :])}
+        holder.edit_log = holder.edit_log[:1]
+        holder.log(A[:, r - 1 :], B[:, r - 1 :])
         t0 = time.perf_counter()
         cb.on_train_batch_end(trainer, holder, None, None, 1)
         times.append(time.perf_counter() - t0)

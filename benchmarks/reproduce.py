@@ -9,11 +9,13 @@ Per editor two edit streams are run (batch size 1, the first N CounterFact edits
     (W₀ + restrained ΔW), so one stream evaluates ``none``, ``deferred_e`` (α = e) and ``deferred_1.2`` (α = 1.2)
     side by side at the same checkpoints (spec §2).
   - ``online``: PRUNE α = e applied after every edit and written back; later edits build on it.
+Both restrain through the shipped code, :class:`lit_prune.restraint.AccumulatedUpdate`, used as ``PruneCallback`` uses
+it (``tests/test_reproduce.py`` checks the rows against ``train.py``-style runs with the callback).
 Recorded against N: κ(W) and σ_max(ΔW) of every edited matrix (every edit), perplexity on held-out bundled wiki text
 (every ``--ppl-every`` edits), retention efficacy/generalization/locality of all edits so far (every
 ``--eval-every``), and the paper's four downstream tasks on ``--downstream-n`` examples each at ``--downstream-at``.
 
-Resumable: the accumulated update factors (``<editor>_<run>.pt``) and every metric row (``<editor>_<run>.jsonl``)
+Resumable: the restraint state (``<editor>_<run>.pt``: each matrix's ``AccumulatedUpdate.state_dict()``) and every metric row (``<editor>_<run>.jsonl``)
 are written to ``--out`` after each edit; a crashed sweep continues where it stopped. The ``.pt`` state stays local
 (gitignored: up to 64 MB per run); the committed rows are what ``report`` reads. Without the state file a run starts
 again from N = 0 and rewrites its rows. ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
@@ -37,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lit_prune.data.formats import load_requests  # noqa: E402
-from lit_prune.editors.base import check_updates  # noqa: E402
+from lit_prune.editors.base import LowRankUpdate, apply_updates, check_updates  # noqa: E402
 from lit_prune.metrics.downstream import load_examples, new_task_metric, task_values, text_nll, update_task_metric  # noqa: E402
 from lit_prune.metrics.editing import score_requests  # noqa: E402
 from lit_prune.models import load_model, load_texts  # noqa: E402
-from lit_prune.restraint import condition_number, restrain, sigma_max  # noqa: E402
+from lit_prune.restraint import AccumulatedUpdate, condition_number, sigma_max  # noqa: E402
 
 DATA = Path(os.environ.get("LIT_PRUNE_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "reproduce"
@@ -64,65 +66,88 @@ def make_editor(name: str, model, tok, args):
         return MEND(args.mend_checkpoint or "smollm2-135m")
     if cls is None:
         raise SystemExit(f"unknown editor '{name}' (rome, memit, ft, mend)")
-    return cls.for_model(model, tok)
+    return cls.for_model(model, tok, **args.editor_args)
 
 
 class Stream:
-    """An edit stream on one model: W = W₀ + ΔW for the edited parameters, ΔW kept as factors (A, B), ΔW = A Bᵀ.
+    """An edit stream on one model, restrained by the shipped code: one :class:`lit_prune.restraint.AccumulatedUpdate`
+    per edited parameter (W₀, τ, ΔW as factors), used exactly as ``PruneCallback`` uses it.
 
+    :meth:`add` writes each update into the weights (``apply_updates``, as ``SequentialEditingModule`` does) and adds it
+    to ΔW; with ``online_alpha`` it then commits W₀ + F(ΔW) (``PruneCallback(mode="online")``). :meth:`show` writes a
+    deferred view W₀ + F_α(ΔW) (``PruneCallback(mode="deferred")``) and :meth:`hide` puts the unrestrained weights back.
     ``tau``: τ = σ_max(W₀) per edited parameter (computed once per sweep by the caller).
     """
 
     def __init__(self, model, names: list[str], online_alpha: float | None, tau: dict[str, float]):
-        self.model, self.names, self.online_alpha, self.tau = model, names, online_alpha, tau
+        self.model, self.names, self.online_alpha = model, names, online_alpha
         params = dict(model.named_parameters())
         self.params = {n: params[n] for n in names}
-        self.W0 = {n: p.detach().float().clone() for n, p in self.params.items()}
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.view: dict[str, torch.Tensor] = {}  # the ΔW last written into the model, per parameter
+        self.acc = {n: AccumulatedUpdate(p.detach(), tau=tau[n]) for n, p in self.params.items()}
+        self.kept: dict[str, torch.Tensor] = {}  # unrestrained weights while a deferred view is shown
+        self.sigma: dict[str, float] = {}  # σ_max of the ΔW currently in the weights, per parameter
 
     def add(self, updates) -> None:
+        apply_updates(self.model, updates)
         for n, u in updates.items():
-            A, B = u.A.float().to(self.W0[n].device), u.B.float().to(self.W0[n].device)
-            if n in self.factors:
-                A, B = torch.cat([self.factors[n][0], A], 1), torch.cat([self.factors[n][1], B], 1)
-            self.factors[n] = (A, B)
-        if self.online_alpha is not None:
-            for n in updates:
-                res = restrain(self.W0[n], factors=self.factors[n], tau=self.tau[n], alpha=self.online_alpha)
-                self.factors[n] = res.factors()
-        self.write(None)
-
-    def delta(self, n: str, alpha: float | None) -> torch.Tensor:
-        if n not in self.factors:
-            return torch.zeros_like(self.W0[n])
-        if alpha is None:
-            A, B = self.factors[n]
-            return A @ B.T
-        return restrain(self.W0[n], factors=self.factors[n], tau=self.tau[n], alpha=alpha).delta().float()
+            self.acc[n].add(u.A, u.B)
+        for n in self.names:
+            if self.online_alpha is not None:
+                res = self.acc[n].write_restrained(self.params[n].data, self.online_alpha, commit=True)
+                self.sigma[n] = float(res.values.max()) if res is not None else 0.0
+            else:
+                svd = self.acc[n].svd()
+                self.sigma[n] = float(svd.sigma[0]) if svd is not None else 0.0
 
     @torch.no_grad()
-    def write(self, alpha: float | None) -> None:
-        """Put W₀ + ΔW (``alpha=None``) or W₀ + restrained ΔW (deferred view with base ``alpha``) into the model."""
-        self.view = {n: self.delta(n, alpha) for n in self.params}
+    def show(self, alpha: float | None) -> None:
+        """Write the view W₀ + F_α(ΔW) (``alpha`` None: leave W₀ + ΔW); :meth:`hide` undoes it."""
+        self.hide()
         for n, p in self.params.items():
-            p.copy_((self.W0[n] + self.view[n]).to(p.dtype))
+            if alpha is None:
+                svd = self.acc[n].svd()
+                self.sigma[n] = float(svd.sigma[0]) if svd is not None else 0.0
+                continue
+            keep = torch.empty_like(p)
+            res = self.acc[n].write_restrained(p.data, alpha, keep=keep)
+            self.sigma[n] = float(res.values.max()) if res is not None else 0.0
+            if res is not None and res.changed:
+                self.kept[n] = keep
+
+    @torch.no_grad()
+    def hide(self) -> None:
+        for n, keep in self.kept.items():
+            self.params[n].copy_(keep)
+        self.kept = {}
 
     def spectrum(self) -> dict[str, float]:
-        """κ(W₀ + ΔW) and σ_max(ΔW) of the view last written (:meth:`write`), per edited parameter."""
+        """κ(W) of the weights as written and σ_max of their ΔW (the view's, after :meth:`show`), per parameter."""
         out = {}
         for n in self.names:
-            d = self.view[n]
-            out[f"{n}/condition_number"] = condition_number(self.W0[n] + d)
-            out[f"{n}/delta_sigma_max"] = sigma_max(d) if n in self.factors else 0.0
+            out[f"{n}/condition_number"] = condition_number(self.params[n].detach())
+            out[f"{n}/delta_sigma_max"] = self.sigma.get(n, 0.0)
         return out
 
     def state(self) -> dict:
-        return {n: (a.cpu(), b.cpu()) for n, (a, b) in self.factors.items()}
+        """The restraint state of every matrix and the weights as they are (unrestrained, or online-restrained)."""
+        self.hide()
+        return {"matrices": {n: acc.state_dict() for n, acc in self.acc.items()},
+                "weights": {n: p.detach().cpu().clone() for n, p in self.params.items()}}
 
+    @torch.no_grad()
     def load(self, state: dict) -> None:
-        self.factors = {n: (a.to(self.W0[n].device), b.to(self.W0[n].device)) for n, (a, b) in state.items()}
-        self.write(None)
+        """Continue from :meth:`state`: bit-identical to a run that never stopped."""
+        for n, st in state["matrices"].items():
+            self.acc[n].load_state_dict(st)
+            self.params[n].copy_(state["weights"][n])
+        self.show(None)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the unedited model (for the next run)."""
+        self.hide()
+        for n, p in self.params.items():
+            p.copy_(self.acc[n].W0.to(p.device, p.dtype))
 
 
 class Evaluator:
@@ -142,7 +167,7 @@ class Evaluator:
         do_down = n in a.downstream_at and self.tasks
         rows = []
         for view, alpha in list(views.items())[: 1 if n == 0 else None]:
-            stream.write(alpha)
+            stream.show(alpha)
             rec = {f"spectrum/{k}": v for k, v in stream.spectrum().items()}
             if do_ppl:
                 s, c = text_nll(self.model, self.tok, self.texts, batch_size=a.batch_size, max_length=256)
@@ -156,7 +181,7 @@ class Evaluator:
                     update_task_metric(m, task, self.model, self.tok, exs, batch_size=a.batch_size, max_length=1024)
                     rec.update({f"downstream/{k}": v for k, v in task_values(task, m.compute()).items()})
             rows += [{"run": run, "view": view, "n": n, "metric": k, "value": float(v)} for k, v in rec.items()]
-        stream.write(None)
+        stream.hide()
         if n == 0:
             rows += [{**r, "view": v} for v in list(views)[1:] for r in rows]
         return rows
@@ -208,7 +233,7 @@ def run(args) -> None:
         start = 0
         if ckpt.is_file():
             st = torch.load(ckpt, weights_only=False)
-            stream.load(st["factors"])
+            stream.load(st)
             start = st["next"]
             print(f"[{tag}] resuming at edit {start}/{args.n}")
         else:
@@ -229,6 +254,7 @@ def run(args) -> None:
         for i in range(start, args.n):
             t = time.perf_counter()
             updates = editor.compute(model, tok, [requests[i]])
+            updates = {k: LowRankUpdate(u.A.detach().float().cpu(), u.B.detach().float().cpu()) for k, u in updates.items()}
             check_updates(model, updates, where=f"edit {i} (case_id {requests[i].case_id})")
             t_r = time.perf_counter()
             stream.add(updates)
@@ -238,14 +264,11 @@ def run(args) -> None:
             rows += evaluate(stream, views, i + 1, tag)
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-            torch.save({"factors": stream.state(), "next": i + 1}, ckpt)
+            torch.save({**stream.state(), "next": i + 1}, ckpt)
             done, left = i + 1 - start, args.n - i - 1
             eta = (time.time() - t0) / done * left
             print(f"[{tag}] edit {i + 1}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
-        # back to the unedited model for the next run
-        with torch.no_grad():
-            for n, p in stream.params.items():
-                p.copy_(stream.W0[n].to(p.dtype))
+        stream.reset()  # back to the unedited model for the next run
 
 
 def main() -> None:
@@ -254,6 +277,8 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--editor", default="rome", choices=["rome", "memit", "ft", "mend"])
     r.add_argument("--mend-checkpoint", default=None)
+    r.add_argument("--editor-args", type=json.loads, default={},
+                   help='editor constructor arguments as JSON, e.g. \'{"mom2_update_weight": 5000}\'')
     r.add_argument("--runs", nargs="+", default=["stream", "online"], choices=["stream", "online"])
     r.add_argument("--n", type=int, default=200)
     r.add_argument("--model", default="smollm2-135m")

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_prune.logging import log_metrics, num_edits
 from lit_prune.metrics.downstream import (
@@ -55,6 +56,8 @@ class DownstreamEvalCallback(FinalMetricsReporter, L.Callback):
     across ranks (rank r takes r, r + world_size, ...) and the metric states are summed. Model in eval mode, no
     gradients.
     """
+
+    reads_evaluated_weights = True  # lit_prune.protocols.WeightReader: restraining callbacks go first
 
     def __init__(
         self,
@@ -152,6 +155,7 @@ class DownstreamEvalCallback(FinalMetricsReporter, L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Run every task on this rank's shard, reduce across ranks, log at x = number of edits; returns the values."""
         edits = num_edits(pl_module)
+        rank_zero_info(f"downstream evaluation at {edits} edits: {', '.join(self.tasks)}")
         rank, world = trainer.global_rank, trainer.world_size
         values: dict[str, float] = {}
         for t in self.tasks:

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_prune.logging import log_metrics, num_edits
 from lit_prune.metrics.editing import (
@@ -36,7 +36,7 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
       at N edits is the mean over all N edits of their immediate scores.
     * ``retention/...`` (the paper's protocol): every ``retention_every_n_edits`` edits and at the end of training,
       all requests applied so far (``pl_module.applied_requests``) are re-scored on the model as it is then. With a
-      deferred :class:`~lit_prune.callbacks.PruneCallback` (which puts itself first) that is the restrained model.
+      deferred :class:`~lit_prune.callbacks.PruneCallback` (which must come first) that is the restrained model.
       ``max_retention_edits`` caps the re-scored requests (and the baseline's) at that many, evenly spaced.
 
     Scoring is batched (``batch_size`` sequences per forward), in eval mode without gradients, and sharded across
@@ -46,6 +46,8 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
     It needs ``pl_module.model``, ``.tokenizer``, ``.num_edits`` and ``.applied_requests``
     (:class:`~lit_prune.SequentialEditingModule` has them).
     """
+
+    reads_evaluated_weights = True  # lit_prune.protocols.WeightReader: restraining callbacks go first
 
     def __init__(
         self,
@@ -157,6 +159,7 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
             return
         if self._baseline_done:
             return
+        rank_zero_info(f"scoring the unedited model on the run's {len(requests)} edit requests (baseline)")
         self._gather_pre_predictions(trainer, pl_module, requests)
         if self.baseline and requests:
             values = self._evaluate(trainer, pl_module, self._capped(requests))
@@ -198,6 +201,7 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
 
     def _retention(self, trainer: L.Trainer, pl_module: L.LightningModule, edits: int) -> None:
         requests = self._capped(list(pl_module.applied_requests))
+        rank_zero_info(f"retention: re-scoring {len(requests)} applied edits at {edits} edits")
         values = {f"retention/{k}": v for k, v in self._evaluate(trainer, pl_module, requests).items()}
         log_metrics(trainer, values, step=edits, prog_bar={"retention/efficacy": "ret_eff"} if self.prog_bar else None)
         self.final_metrics.update(values)

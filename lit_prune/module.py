@@ -14,6 +14,7 @@ from torch import nn
 
 from .editors.base import Editor, LowRankUpdate, Updates, apply_updates, check_updates
 from .logging import log_metrics
+from .protocols import undo_participants
 from .requests import EditRequest
 
 
@@ -62,13 +63,16 @@ class SequentialEditingModule(L.LightningModule):
         export_dir: where the edited (and, with a PruneCallback, restrained) model is saved with ``save_pretrained``
             at the end of ``fit``; ``"auto"`` = ``<log_dir>/edited_model``; ``None`` = no export.
 
-    For callbacks it exposes ``model``, ``tokenizer``, ``edited_parameters`` (names in ``model.named_parameters()``),
-    ``num_edits`` (requests applied so far, the x-axis of every curve), ``last_updates`` (the updates of the latest
-    step), ``edit_log`` (one :class:`EditRecord` per step) and ``applied_requests``.
+    It implements :class:`lit_prune.protocols.EditingModule`, the contract callbacks rely on: ``model``,
+    ``tokenizer``, ``edited_parameters`` (names in ``model.named_parameters()``), ``num_edits`` (requests applied so
+    far, the x-axis of every curve), ``edit_log`` (one :class:`EditRecord` per step, appended after the step wrote
+    its update) and ``applied_requests``.
 
-    The HF model is loaded on first access to ``self.model`` (callbacks' ``setup`` runs before the module's), so
-    ``--print_config`` and data validation never wait for it. Multi-device runs compute each update on every rank
-    and broadcast rank 0's, so all ranks hold bit-identical weights after every step.
+    The HF model is loaded in :meth:`configure_model` (Lightning calls it after ``setup`` and before moving the
+    module to its device and syncing the ranks), so ``--print_config`` and data validation never wait for it, and
+    device placement never depends on which callbacks are configured. Outside a Trainer call
+    ``module.configure_model()`` (or :meth:`set_model`) before using ``module.model``. Multi-device runs compute each
+    update on every rank and broadcast rank 0's, so all ranks hold bit-identical weights after every step.
     """
 
     def __init__(
@@ -89,29 +93,32 @@ class SequentialEditingModule(L.LightningModule):
         self.editor = editor
         self.tokenizer: Any = None
         self.edit_log: list[EditRecord] = []
-        self.last_updates: Updates = {}
         self.num_edits = 0
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the edited parameters
         self._dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
         self.save_hyperparameters(ignore=["editor"])
 
-    # -- the model, loaded lazily -------------------------------------------------------------------------------------
+    # -- the model, loaded in configure_model ------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         if name == "model" and "model" not in self._modules:
-            self.set_model(*self._load())
-            return self._modules["model"]
+            raise AttributeError(
+                f"{type(self).__name__}.model is not loaded yet: it is loaded in configure_model() (Lightning calls "
+                "it in fit); call module.configure_model() or module.set_model(model, tokenizer) first"
+            )
         return super().__getattr__(name)
 
-    def _load(self) -> tuple[nn.Module, Any]:
-        from .models import load_model
+    def configure_model(self) -> None:
+        """Load ``self.model_name`` (once; later calls do nothing) unless :meth:`set_model` already gave a model."""
+        if "model" not in self._modules:
+            from .models import load_model
 
-        return load_model(self.model_name, dtype=self.dtype_name)
+            self.set_model(*load_model(self.model_name, dtype=self.dtype_name))
 
     def set_model(self, model: nn.Module, tokenizer: Any) -> None:
         """Use an already loaded model (tests, notebooks) instead of loading ``self.model_name``."""
         model.eval().requires_grad_(False)
-        self._modules["model"] = model  # not add_module: its hasattr() would re-enter the lazy loader
+        self.model = model
         self.tokenizer = tokenizer
 
     @property
@@ -149,7 +156,6 @@ class SequentialEditingModule(L.LightningModule):
         apply_updates(self.model, updates)
         seconds = time.perf_counter() - t0
         self.edit_log.append(EditRecord(self.global_step, list(batch), updates, seconds, [r.case_id for r in batch]))
-        self.last_updates = updates
         self.num_edits += len(batch)
         self.optimizers().step()  # advances global_step: max_steps, step checkpoints and logging work
         self.log("edits", float(self.num_edits), prog_bar=True, logger=False)
@@ -180,16 +186,15 @@ class SequentialEditingModule(L.LightningModule):
         """Subtract the updates of the last ``k`` logged edit batches (newest first); returns the removed records.
 
         The weights return to the state before those edits, up to float rounding. Callbacks of the attached trainer
-        that track the weights take part (:class:`lit_prune.callbacks.PruneCallback`: ``check_undo``,
-        ``before_undo``, ``after_undo``): in deferred mode the undone updates leave the accumulated ΔW and the
+        that track the weights take part (:class:`lit_prune.protocols.UndoParticipant`, e.g.
+        :class:`lit_prune.callbacks.PruneCallback`): in deferred mode the undone updates leave the accumulated ΔW and the
         restrained view is rewritten; in online mode undo is refused (``ValueError``, nothing changed) once a
         restraint has changed the weights after the oldest undone edit.
         """
         if not 0 <= k <= len(self.edit_log):
             raise ValueError(f"undo: k must be between 0 and {len(self.edit_log)} (logged edit batches), got {k}")
         records = self.edit_log[len(self.edit_log) - k:][::-1]
-        trainer = getattr(self, "_trainer", None)
-        hooks = [cb for cb in (trainer.callbacks if trainer is not None else []) if hasattr(cb, "check_undo")]
+        hooks = undo_participants(self._trainer)
         for cb in hooks:
             cb.check_undo(self, records)
         for cb in hooks:
@@ -198,7 +203,6 @@ class SequentialEditingModule(L.LightningModule):
             self.edit_log.pop()
             apply_updates(self.model, rec.updates, sign=-1.0)
             self.num_edits -= len(rec.requests)
-        self.last_updates = self.edit_log[-1].updates if self.edit_log else {}
         for cb in hooks:
             cb.after_undo(self, records)
         return records
@@ -221,7 +225,6 @@ class SequentialEditingModule(L.LightningModule):
             raise ValueError(
                 f"checkpoint was written for model '{state['model_name']}', this run uses '{self.model_name}'"
             )
-        _ = self.model  # load the base model before Lightning loads the edited parameters into it
+        self.configure_model()  # the base model, before Lightning loads the edited parameters into it
         self.num_edits = int(state.get("num_edits", 0))
         self.edit_log = [EditRecord.from_state(s) for s in state.get("edit_log", [])]
-        self.last_updates = self.edit_log[-1].updates if self.edit_log else {}

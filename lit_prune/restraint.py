@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -229,6 +229,11 @@ class Restraint(NamedTuple):
         A, B = self.factors()
         return A @ B.mT
 
+    @property
+    def changed(self) -> bool:
+        """Whether F changes ΔW at all (some σ̂ ≥ τ, or directions below the rank tolerance dropped)."""
+        return bool((self.values != self.svd.sigma).any())
+
     def correction(self) -> tuple[Tensor, Tensor]:
         """ΔŴ − ΔW as factors ``(C_A, C_B)``: only the directions F changed (restrained or below the rank tolerance).
 
@@ -312,3 +317,183 @@ def compress(svd: DeltaSVD, restrained: Restraint | None = None) -> tuple[Tensor
         return svd.U, svd.V
     keep = int((s > float(s[0]) * s.numel() * torch.finfo(svd.dtype).eps).sum())
     return svd.U[:, :keep] * s[:keep], svd.V[:, :keep]
+
+
+# -- the state PRUNE keeps per edited matrix -----------------------------------------------------------------------
+class AccumulatedUpdate:
+    """PRUNE's state for one edited matrix: W₀, τ = σ_max(W₀) and the accumulated update ΔW (no Lightning).
+
+    ``W0``: the original weight (m, n), in either orientation (``nn.Linear`` out×in, GPT-2 ``Conv1D`` in×out); a
+    private copy is kept. ``tau`` defaults to σ_max(W0). ``tracking`` says how ΔW is known:
+
+    - ``"factors"`` (the editors' low-rank updates): every update is added with :meth:`add` as ``A`` (m, r),
+      ``B`` (n, r), ΔW = A Bᵀ summed over all updates, kept in float32 (float64 if given) as the concatenated
+      factors (recompressed to its rank by an online commit, or once they have more than 2·min(m, n) columns), so
+      restraining costs O((m + n) r²) and never an m×n SVD while r ≤ min(m, n)/2;
+    - ``"weights"`` (a module trained with gradients): nothing is added; ΔW = W − W₀ is read from the weight passed
+      to :meth:`restraint` / :meth:`write_restrained` (a dense m×n SVD each time).
+
+    The protocol (spec §2), for a weight tensor ``W`` that holds W₀ + ΔW:
+
+    - deferred view: ``write_restrained(W, alpha, kind)`` writes W₀ + F(ΔW) into ``W`` and keeps ΔW (the caller keeps a
+      copy of the unrestrained ``W`` to put back before the next edit);
+    - online commit: ``write_restrained(W, alpha, kind, commit=True)`` writes W₀ + F(ΔW) and makes ΔŴ = F(ΔW) the
+      accumulated update, so later updates build on it.
+
+    Example without Lightning (continual fine-tuning, dense)::
+
+        acc = AccumulatedUpdate(layer.weight, tracking="weights")   # before training
+        ...                                            # optimizer steps change layer.weight
+        acc.write_restrained(layer.weight.data, commit=True)   # online PRUNE after a step
+
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore W₀, τ and the factors (resume is bit-identical).
+    """
+
+    TRACKING = ("factors", "weights")
+
+    def __init__(self, W0: Tensor, tau: float | None = None, tracking: str = "factors") -> None:
+        if W0.dim() != 2:
+            raise ValueError(f"AccumulatedUpdate: W0 must be a 2-D matrix, got shape {tuple(W0.shape)}")
+        if tracking not in self.TRACKING:
+            raise ValueError(f"AccumulatedUpdate: tracking must be one of {self.TRACKING}, got {tracking!r}")
+        self.W0 = W0.detach().clone()
+        self.tau = _check_tau(sigma_max(self.W0) if tau is None else tau)
+        self.tracking = tracking
+        self.A: Tensor | None = None
+        self.B: Tensor | None = None
+
+    # -- the accumulated update ------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.W0.shape)
+
+    @property
+    def num_factors(self) -> int:
+        """Columns of the accumulated factors (0 when none were added or ΔW is tracked densely)."""
+        return 0 if self.A is None else self.A.shape[1]
+
+    @property
+    def tracks_factors(self) -> bool:
+        return self.tracking == "factors"
+
+    def add(self, A: Tensor, B: Tensor, sign: float = 1.0) -> None:
+        """ΔW += sign · A Bᵀ, with ``A`` (m, r) or (m,), ``B`` (n, r) or (n,), in W₀'s orientation."""
+        if not self.tracks_factors:
+            raise ValueError("AccumulatedUpdate.add: this matrix tracks ΔW from its weights (tracking='weights')")
+        A, B = _check_factors((A, B))
+        if (A.shape[0], B.shape[0]) != self.shape:
+            raise ValueError(f"AccumulatedUpdate: update has shape {(A.shape[0], B.shape[0])}, W0 has {self.shape}")
+        dev = self.W0.device
+        cd = torch.float64 if torch.float64 in (A.dtype, B.dtype, self.W0.dtype) else torch.float32
+        A, B = A.detach().to(dev, cd) * sign, B.detach().to(dev, cd)
+        if self.A is None:
+            self.A, self.B = A, B
+        else:
+            self.A, self.B = torch.cat([self.A.to(cd), A], 1), torch.cat([self.B.to(cd), B], 1)
+        if self.num_factors > 2 * min(self.shape):  # more columns than rank: recompress (a dense SVD, rarely)
+            self.A, self.B = compress(delta_svd(factors=(self.A, self.B)))
+
+    def remove(self, A: Tensor, B: Tensor) -> None:
+        """ΔW −= A Bᵀ (undo an update added before)."""
+        self.add(A, B, sign=-1.0)
+
+    def delta(self, weight: Tensor | None = None) -> Tensor:
+        """Dense ΔW (m, n) in the compute dtype: A Bᵀ when tracked as factors, else ``weight`` − W₀."""
+        if self.tracks_factors:
+            if self.A is None:
+                return torch.zeros_like(self.W0, dtype=compute_dtype(self.W0.dtype))
+            return self.A @ self.B.mT
+        if weight is None:
+            raise ValueError("AccumulatedUpdate.delta: ΔW is tracked densely; pass the current weight")
+        cd = compute_dtype(weight.dtype)
+        return weight.detach().to(cd) - self.W0.to(weight.device, cd)
+
+    def svd(self, weight: Tensor | None = None) -> DeltaSVD | None:
+        """Thin SVD of ΔW (low-rank path for factors); None when ΔW is zero (nothing added, or ``weight`` == W₀)."""
+        if self.tracks_factors:
+            return delta_svd(factors=(self.A, self.B)) if self.num_factors else None
+        if weight is None:
+            raise ValueError("AccumulatedUpdate.svd: ΔW is tracked densely; pass the current weight")
+        if torch.equal(weight.detach(), self.W0.to(weight.device, weight.dtype)):
+            return None
+        return delta_svd(delta=self.delta(weight))
+
+    def restraint(self, alpha: float = math.e, kind: str = "log", weight: Tensor | None = None) -> Restraint | None:
+        """F applied to the SVD of ΔW (:class:`Restraint`); None while ΔW is zero."""
+        svd = self.svd(weight)
+        return None if svd is None else restraint_of(svd, self.tau, alpha, kind)
+
+    def view(self, alpha: float | None = math.e, kind: str = "log", weight: Tensor | None = None) -> Tensor:
+        """W₀ + F(ΔW) (``alpha`` None: W₀ + ΔW) as a new tensor in W₀'s dtype; ΔW is unchanged."""
+        res = None if alpha is None else self.restraint(alpha, kind, weight)
+        if res is not None:
+            return (self.W0.to(res.svd.dtype) + res.delta()).to(self.W0.dtype)
+        if not self.tracks_factors:
+            return (self.W0 if weight is None else weight).detach().clone()
+        d = self.delta()
+        return (self.W0.to(d.dtype) + d).to(self.W0.dtype)
+
+    @torch.no_grad()
+    def write_restrained(
+        self,
+        weight: Tensor,
+        alpha: float = math.e,
+        kind: str = "log",
+        *,
+        commit: bool = False,
+        keep: Tensor | None = None,
+    ) -> Restraint | None:
+        """Turn ``weight`` (m, n), which holds W₀ + ΔW, into W₀ + F(ΔW) in place; returns the restraint (None: ΔW = 0).
+
+        Only the directions F changes are written (``weight += ΔŴ − ΔW`` as a rank-c product, c often 0), in the
+        compute dtype and rounded once for low-precision weights. ``commit=False`` (deferred view): ΔW is left as it
+        is, so showing a view any number of times never changes the state. ``commit=True`` (online): ΔŴ, as factors
+        of its rank, becomes the accumulated update.
+        ``keep``: a buffer shaped like ``weight`` that receives the unrestrained weight when (and only when) the
+        weight changes (``result.changed``), for the deferred protocol to put back.
+        """
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"AccumulatedUpdate: weight has shape {tuple(weight.shape)}, W0 has {self.shape}")
+        self.to(weight.device)
+        res = self.restraint(alpha, kind, weight)
+        if res is None:
+            return None
+        CA, CB = res.correction()
+        if CA.shape[1] > 0:
+            if keep is not None:
+                keep.copy_(weight)
+            if weight.dtype == CA.dtype:
+                weight.addmm_(CA, CB.mT)
+            else:
+                weight.copy_(weight.to(CA.dtype).addmm_(CA, CB.mT))
+        if self.tracks_factors and commit:
+            self.A, self.B = compress(res.svd, res)
+        return res
+
+    def to(self, device: torch.device | str) -> "AccumulatedUpdate":
+        """Move W₀ and the factors to ``device`` (in place; returns self)."""
+        for k in ("W0", "A", "B"):
+            t = getattr(self, k)
+            if t is not None and t.device != torch.device(device):
+                setattr(self, k, t.to(device))
+        return self
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"W0": self.W0, "tau": self.tau, "tracking": self.tracking, "A": self.A, "B": self.B}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace W₀, τ and the factors by a saved state (same shape required)."""
+        if tuple(state["W0"].shape) != self.shape:
+            raise ValueError(
+                f"AccumulatedUpdate: saved W0 has shape {tuple(state['W0'].shape)}, this matrix has {self.shape}"
+            )
+        self.W0, self.tau = state["W0"].detach().clone(), _check_tau(state["tau"])
+        self.tracking = state.get("tracking", self.tracking)
+        self.A, self.B = state.get("A"), state.get("B")
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "AccumulatedUpdate":
+        acc = cls(state["W0"], tau=state["tau"], tracking=state.get("tracking", "factors"))
+        acc.A, acc.B = state.get("A"), state.get("B")
+        return acc

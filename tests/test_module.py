@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def trainer(tmp_path, **kw):
 
 
 def weights(module):
+    module.configure_model()  # loads the model once, as fit does (later calls do nothing)
     return module.model.get_parameter(PARAM).detach().clone()
 
 
@@ -111,9 +113,8 @@ def test_wrong_model_checkpoint_rejected(tmp_path, model_dir, data_file):
     ck = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckdir, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     m = SequentialEditingModule(model=model_dir, editor=ToyEditor(PARAM))
     trainer(tmp_path, max_steps=1, callbacks=[ck], enable_checkpointing=True).fit(m, datamodule=EditDataModule(path=data_file))
-    other = SequentialEditingModule(model=model_dir + "/", editor=ToyEditor(PARAM))
-    other.model_name = "some/other-model"
-    with pytest.raises(ValueError, match="written for model .* this run uses 'some/other-model'"):
+    other = SequentialEditingModule(model=model_dir + "/", editor=ToyEditor(PARAM))  # another model name
+    with pytest.raises(ValueError, match=f"written for model .* this run uses '{re.escape(model_dir)}/'"):
         trainer(tmp_path / "x").fit(other, datamodule=EditDataModule(path=data_file), ckpt_path=str(ckdir / "step=1.ckpt"))
 
 
@@ -144,3 +145,26 @@ def test_two_processes_stay_identical(tmp_path, model_dir, data_file):
     single = SequentialEditingModule(model=model_dir, editor=ToyEditor(PARAM))
     trainer(tmp_path / "single").fit(single, datamodule=EditDataModule(path=data_file))
     torch.testing.assert_close(a["w"], weights(single), rtol=0, atol=1e-6)
+
+
+def test_model_is_a_submodule_before_the_strategy_moves_it(tmp_path, model_dir, data_file, monkeypatch):
+    """No PruneCallback: the model is loaded in configure_model, so the strategy moves (and a multi-process strategy
+    syncs) the HF model itself, whatever callbacks are configured."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from transformers import PreTrainedModel
+
+    seen = []
+    move = SingleDeviceStrategy.model_to_device
+
+    def spy(strategy):
+        children = dict(strategy.lightning_module.named_children())
+        seen.append(isinstance(children.get("model"), PreTrainedModel))
+        return move(strategy)
+
+    monkeypatch.setattr(SingleDeviceStrategy, "model_to_device", spy)
+    module = SequentialEditingModule(model=model_dir, editor=ToyEditor(PARAM))
+    with pytest.raises(AttributeError, match="loaded in configure_model"):
+        module.model
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=EditDataModule(path=data_file))
+    assert seen == [True]
+    assert module.num_edits == 1

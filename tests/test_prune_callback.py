@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_prune.callbacks import PruneCallback
 from lit_prune.editors.base import LowRankUpdate
+from lit_prune.protocols import EditStream
 
 TAG = "lin.weight"  # the fake module's edited parameter, in pl_module.model's namespace
 
@@ -62,8 +64,17 @@ def fake_edit(W: torch.Tensor, step: int) -> LowRankUpdate:
     return LowRankUpdate(a[:, None], b[:, None])
 
 
+@dataclass
+class Step:
+    """One entry of FakeEditing's edit log (lit_prune.protocols.EditLogEntry)."""
+
+    requests: list
+    updates: dict
+
+
 class FakeEditing(L.LightningModule):
-    """Each training_step adds a rank-one LowRankUpdate to ``model.lin`` and reports it like SequentialEditingModule."""
+    """Each training_step adds a rank-one LowRankUpdate to ``model.lin`` and logs it in ``edit_log``: a user's own
+    module following the lit_prune.protocols.EditStream contract."""
 
     def __init__(self, seed: int = 0, steps: int = 6, per_epoch: int | None = None) -> None:
         super().__init__()
@@ -72,7 +83,7 @@ class FakeEditing(L.LightningModule):
         self.dummy = nn.Parameter(torch.zeros(1))  # trainable, so DDP accepts the module
         self.automatic_optimization = False
         self.steps, self.per_epoch = steps, per_epoch or steps
-        self.last_updates: dict[str, LowRankUpdate] = {}
+        self.edit_log: list[Step] = []
         self.edited_parameters = [TAG]
         self.num_edits = 0
         self.seen: list[torch.Tensor] = []  # the weights each edit was computed on
@@ -84,7 +95,7 @@ class FakeEditing(L.LightningModule):
         up = fake_edit(W.detach(), self.global_step)
         with torch.no_grad():
             W.add_(up.dense())
-        self.last_updates = {TAG: up}
+        self.edit_log.append(Step([int(batch)], {TAG: up}))
         self.num_edits += 1
         self.manual_backward(self.dummy.sum() * 0)
         self.optimizers().step()
@@ -103,9 +114,11 @@ class FakeEditing(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["num_edits"] = self.num_edits
+        checkpoint["edit_log"] = [(r.requests, {k: (u.A, u.B) for k, u in r.updates.items()}) for r in self.edit_log]
 
     def on_load_checkpoint(self, checkpoint):
         self.num_edits = checkpoint["num_edits"]
+        self.edit_log = [Step(q, {k: LowRankUpdate(a, b) for k, (a, b) in u.items()}) for q, u in checkpoint["edit_log"]]
 
 
 class PlainRegression(L.LightningModule):
@@ -138,7 +151,7 @@ class PlainRegression(L.LightningModule):
 
 
 class Probe(L.Callback):
-    """Records the watched weight at batch start and batch end (listed BEFORE PruneCallback on purpose)."""
+    """Records the watched weight at batch start and batch end (a user callback that declares nothing)."""
 
     def __init__(self, get) -> None:
         self.get, self.starts, self.ends = get, [], []
@@ -194,9 +207,9 @@ def test_deferred_evaluates_restrained_edits_unrestrained(tmp_path):
     W0 = fake_w(module).detach().clone()
     probe = Probe(fake_w)
     prune = PruneCallback(mode="deferred", every_n_steps=2)
-    trainer = make_trainer(tmp_path, [probe, prune], limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=1)
+    trainer = make_trainer(tmp_path, [prune, probe], limit_val_batches=1, val_check_interval=3, num_sanity_val_steps=1)
     trainer.fit(module)
-    assert trainer.callbacks[0] is prune  # moved to the front in setup
+    assert isinstance(module, EditStream) and list(trainer.callbacks[:2]) == [prune, probe]  # order kept
 
     starts, views, unrestrained = simulate_fake(W0, 7, "deferred", 1)
     # every edit was computed on the unrestrained weights ...
@@ -245,7 +258,7 @@ def test_plain_module_deferred_matches_unrestrained_training(tmp_path):
     module = PlainRegression()
     W0 = plain_w(module).detach().clone()
     probe = Probe(plain_w)
-    trainer = make_trainer(tmp_path / "pruned", [probe, PruneCallback(params=r"net\.0\.weight", mode="deferred")],
+    trainer = make_trainer(tmp_path / "pruned", [PruneCallback(params=r"net\.0\.weight", mode="deferred"), probe],
                            max_epochs=3)
     trainer.fit(module)
     # training never saw the restrained weights: the optimizer trajectory is bit-identical to training without PRUNE
@@ -297,6 +310,7 @@ def test_with_sequential_editing_module(tmp_path, tiny_llama_dir):
     model_dir, data = tiny_llama_dir, edits_file(tmp_path, 5)
 
     free = SequentialEditingModule(model=str(model_dir), editor=ToyEditor(param, scale=8.0))
+    free.configure_model()
     W0 = free.model.get_parameter(param).detach().clone()
     make_trainer(tmp_path / "free", []).fit(free, datamodule=EditDataModule(path=str(data)))
     W_free = free.model.get_parameter(param).detach()
@@ -305,7 +319,7 @@ def test_with_sequential_editing_module(tmp_path, tiny_llama_dir):
                                      export_dir=str(tmp_path / "out"))
     cb = PruneCallback(mode="deferred")
     make_trainer(tmp_path / "pruned", [cb]).fit(module, datamodule=EditDataModule(path=str(data)))
-    assert list(cb._tags.values()) == [param]  # default: the module's edited_parameters
+    assert list(cb.accumulated) == [param]  # default: the module's edited_parameters
     assert n_above(W0, W_free) > 0
     expected = ref_restrain(W0.numpy(), W_free.numpy())
     assert close(module.model.get_parameter(param), expected)
@@ -331,6 +345,7 @@ def test_undo_with_deferred_prune_keeps_stream_and_view(tmp_path, tiny_llama_dir
 
     W3, W5 = free_weights(3), free_weights(5)
     module = SequentialEditingModule(model=model_dir, editor=ToyEditor(param, scale=8.0))
+    module.configure_model()
     W0 = module.model.get_parameter(param).detach().clone()
     cb = PruneCallback(mode="deferred")
     make_trainer(tmp_path / "a", [cb]).fit(module, datamodule=EditDataModule(path=data))
@@ -340,8 +355,8 @@ def test_undo_with_deferred_prune_keeps_stream_and_view(tmp_path, tiny_llama_dir
     removed = module.undo(2)
     assert [r.case_ids for r in removed] == [[4], [3]] and module.num_edits == 3
     assert close(module.model.get_parameter(param), ref_restrain(W0.numpy(), W3.numpy()))  # view of 3 edits
-    st = cb._mats[next(n for n, t in cb._tags.items() if t == param)]
-    assert close(st["A"].double() @ st["B"].double().T, (W3 - W0).double(), tol=1e-5)  # ΔW without the undone
+    acc = cb.accumulated[param]
+    assert close(acc.delta().double(), (W3 - W0).double(), tol=1e-5)  # ΔW without the undone
 
     make_trainer(tmp_path / "b", [cb]).fit(module, datamodule=EditDataModule(path=data))  # edits 3, 4 again
     assert module.num_edits == 5
@@ -373,9 +388,8 @@ def test_undo_with_online_prune(tmp_path, tiny_llama_dir):
     small.undo(2)
     W2 = ref.model.get_parameter(param).detach()
     assert close(small.model.get_parameter(param), W2, tol=1e-6)
-    st = cb._mats[next(n for n, t in cb._tags.items() if t == param)]
     dW2 = sum(u.dense(torch.float64) for rec in ref.edit_log for u in rec.updates.values())  # not W2 − W0: rounding
-    assert close(st["A"].double() @ st["B"].double().T, dW2, tol=1e-5)
+    assert close(cb.accumulated[param].delta().double(), dW2, tol=1e-5)
 
 
 # -- resume ------------------------------------------------------------------------------------------------------------
@@ -401,8 +415,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, kind, mode):
     cb = PruneCallback(params=None if kind == "fake" else ["net.0.weight"], mode=mode)
     make_trainer(tmp_path / "resumed", [cb], max_epochs=3).fit(resumed, ckpt_path=str(ckdir / "step=2.ckpt"))
     assert torch.equal(get(resumed), get(full))
-    name = "model.lin.weight" if kind == "fake" else "net.0.weight"
-    assert torch.equal(cb._mats[name]["W0"], get(make(0)))
+    name = TAG if kind == "fake" else "net.0.weight"
+    assert torch.equal(cb.accumulated[name].W0, get(make(0)))
 
 
 # -- two processes -----------------------------------------------------------------------------------------------------
@@ -487,7 +501,7 @@ def test_regex_and_histogram(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     cb = PruneCallback(params=r"lin\.weight$", log_histogram=True, spectrum_every_n_steps=2)
     make_trainer(tmp_path, [cb], logger=logger).fit(module)
-    assert list(cb._tags) == ["model.lin.weight"]
+    assert list(cb.accumulated) == ["model.lin.weight"]
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
     assert "spectrum/model.lin.weight/delta_singular_values" in acc.Tags()["histograms"]
@@ -496,3 +510,14 @@ def test_regex_and_histogram(tmp_path):
     # condition number only at steps that are multiples of 2; x-axis = number of edits
     assert [e.step for e in acc.Scalars("spectrum/model.lin.weight/condition_number")] == [2]
     assert [e.step for e in acc.Scalars("spectrum/model.lin.weight/delta_sigma_max")] == [1, 2, 3]
+
+
+def test_weight_reader_before_prune_fails_at_setup(tmp_path):
+    """Order matters and is checked, never silently changed: evaluations must see the restrained weights."""
+    from lit_prune.callbacks import EditMetricsCallback
+
+    module = FakeEditing(steps=2)
+    W = fake_w(module).detach().clone()
+    with pytest.raises(ValueError, match="PruneCallback must come before EditMetricsCallback in trainer.callbacks"):
+        make_trainer(tmp_path, [EditMetricsCallback(), PruneCallback()]).fit(module)
+    assert torch.equal(fake_w(module), W) and module.num_edits == 0  # failed before the first edit

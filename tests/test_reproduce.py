@@ -72,14 +72,15 @@ def test_resume_views_online_and_report(tmp_path, model_dir, driver, capsys):
     assert set(metrics(stream, "none", 3)) >= {"downstream/perplexity", "retention/efficacy"}
 
     # independent check of σ_max(ΔW) in each view: numpy SVDs of W₀ and of the saved factors
-    name = next(iter(torch.load(full / "ft_stream.pt", weights_only=False)["factors"]))
+    name = next(iter(torch.load(full / "ft_stream.pt", weights_only=False)["matrices"]))
     from transformers import AutoModelForCausalLM
 
     W0 = AutoModelForCausalLM.from_pretrained(model_dir).get_parameter(name).detach().double().numpy()
     tau = np.linalg.norm(W0, 2)
     setup = json.loads((full / "setup.json").read_text())
     assert setup["ft τ = σ_max(W₀)"][name] == pytest.approx(tau, abs=0.006)  # recorded, rounded to 0.01
-    A, B = torch.load(full / "ft_stream.pt", weights_only=False)["factors"][name]
+    st = torch.load(full / "ft_stream.pt", weights_only=False)["matrices"][name]
+    A, B = st["A"], st["B"]
     s = np.linalg.svd(A.double().numpy() @ B.double().numpy().T, compute_uv=False)
     key = f"spectrum/{name}/delta_sigma_max"
     assert metrics(stream, "none", 3)[key] == pytest.approx(s[0], rel=1e-5)
@@ -97,3 +98,74 @@ def test_resume_views_online_and_report(tmp_path, model_dir, driver, capsys):
     row = next(line for line in text.splitlines() if line.startswith("| FT | no restraint | 3 |"))
     assert f"{ppl:.2f}" in row
     assert (doc.parent / "figures" / "ft_curves.png").stat().st_size > 1000
+
+
+HP = {"lr": 0.5, "norm_constraint": 1.0}  # large FT updates on the tiny model, so ΔW passes τ and PRUNE acts
+
+
+class Recorder:
+    """Listed after PruneCallback: what it logged and the weights as written, after every edit."""
+
+    def __new__(cls, name):
+        import lightning as L
+
+        class _Recorder(L.Callback):
+            def __init__(self):
+                self.metrics, self.weights = {}, {}
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                n = pl_module.num_edits
+                self.metrics[n] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("spectrum/")}
+                self.weights[n] = pl_module.model.get_parameter(name).detach().clone()
+
+        return _Recorder()
+
+
+def test_driver_rows_equal_prune_callback_runs(tmp_path, model_dir, driver):
+    """The driver's deferred and online rows are what PruneCallback produces on the same edit stream."""
+    import lightning as L
+
+    from lit_prune import EditDataModule, SequentialEditingModule
+    from lit_prune.callbacks import PruneCallback
+    from lit_prune.editors import FT
+    from lit_prune.restraint import AccumulatedUpdate
+
+    out, n = tmp_path / "out", 3
+    driver("run", "--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 10, "--ppl-every", 10,
+           "--ppl-texts", 2, "--downstream-n", 0, "--threads", 1, "--n", n, "--out", out,
+           "--editor-args", json.dumps(HP))
+    stream, online = rows_of(out / "ft_stream.jsonl"), rows_of(out / "ft_online.jsonl")
+    name = FT().edited_parameters(_loaded(model_dir))[0]
+    kappa, sigma = f"spectrum/{name}/condition_number", f"spectrum/{name}/delta_sigma_max"
+
+    for mode, view, rows, file in (("deferred", "deferred_e", stream, "ft_stream.pt"),
+                                   ("online", "online_e", online, "ft_online.pt")):
+        module = SequentialEditingModule(model=str(model_dir), editor=FT(**HP))
+        rec = Recorder(name)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path / mode,
+                            callbacks=[PruneCallback(mode=mode), rec])
+        trainer.fit(module, datamodule=EditDataModule(path=str(DEMO), n_edits=n))
+        assert module.num_edits == n
+        saved = torch.load(out / file, weights_only=False)
+        st = AccumulatedUpdate.from_state_dict(saved["matrices"][name])
+        driver_w = saved["weights"][name].clone()  # unrestrained (stream) or online-restrained weights at N
+        if mode == "deferred":  # the driver's deferred view at N, written as its Stream.show writes it
+            st.write_restrained(driver_w, math.e)
+        W = module.model.get_parameter(name).detach()
+        assert float((W - driver_w).double().norm() / driver_w.double().norm()) < 1e-6
+        tau = st.tau
+        for k in range(1, n + 1):
+            logged = rec.metrics[k]
+            assert metrics(rows, view, k)[kappa] == pytest.approx(logged[f"spectrum/{name}/condition_number"], rel=1e-5)
+            pre_F = logged[f"spectrum/{name}/delta_sigma_max"]  # the callback logs σ_max(ΔW) before F
+            if mode == "deferred":
+                assert metrics(rows, "none", k)[sigma] == pytest.approx(pre_F, rel=1e-5)
+            assert metrics(rows, view, k)[sigma] == pytest.approx(F(pre_F, tau, math.e), rel=1e-5)
+        assert any(logged[f"spectrum/{name}/n_restrained"] > 0 for logged in rec.metrics.values())  # PRUNE acted
+
+
+def _loaded(model_dir):
+    from lit_prune.models import load_model
+
+    return load_model(str(model_dir))[0]

@@ -244,3 +244,74 @@ def test_bad_arguments():
         prune_factors(torch.ones(3, 2), torch.ones(4, 3), 1.0)
     with pytest.raises(ValueError, match=r"ΔW has shape \(3, 4\), W0 has \(4, 3\)"):
         restrain(torch.ones(4, 3), factors=(torch.ones(3, 1), torch.ones(4, 1)))
+
+
+# -- AccumulatedUpdate: the per-matrix state PruneCallback and the reproduction share --------------------------------
+def ref_view(W0: np.ndarray, dW: np.ndarray, alpha: float = math.e) -> np.ndarray:
+    """W0 + U_r F(Σ_r) V_rᵀ of a dense ΔW, float64, full numpy SVDs."""
+    u, s, vt = np.linalg.svd(dW)
+    tau = np.linalg.norm(W0, 2)
+    r = np.linalg.matrix_rank(dW)
+    return W0 + (u[:, :r] * [ref_F(x, tau, alpha, "log") for x in s[:r]]) @ vt[:r]
+
+
+def test_accumulated_update_factors_protocol():
+    from lit_prune.restraint import AccumulatedUpdate
+
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(12, 30, generator=g)
+    tau = float(np.linalg.norm(W0.double().numpy(), 2))
+    ups = [(4 * torch.randn(12, 1, generator=g), torch.randn(30, 1, generator=g)) for _ in range(4)]
+    acc = AccumulatedUpdate(W0)
+    assert acc.tau == pytest.approx(tau, rel=1e-6) and acc.num_factors == 0 and acc.restraint() is None
+    W = W0.clone()
+    for A, B in ups:
+        acc.add(A, B)
+        W += A @ B.T
+    dW = sum(A.double() @ B.double().T for A, B in ups).numpy()
+    np.testing.assert_allclose(acc.delta().double().numpy(), dW, rtol=1e-5, atol=1e-5)
+    expected = ref_view(W0.double().numpy(), dW)
+    assert np.linalg.svd(dW, compute_uv=False)[0] > tau  # the restraint has something to do
+    np.testing.assert_allclose(acc.view().double().numpy(), expected, atol=2e-5)
+    # deferred view written into the weights: the state is unchanged, the unrestrained weight kept
+    keep = torch.empty_like(W)
+    before = W.clone()
+    res = acc.write_restrained(W, keep=keep)
+    assert res.changed and torch.equal(keep, before) and acc.num_factors == 4
+    np.testing.assert_allclose(W.double().numpy(), expected, atol=2e-5)
+    # undo the last update: ΔW of the first three
+    acc.remove(*ups[-1])
+    np.testing.assert_allclose(acc.delta().double().numpy(), dW - (ups[-1][0] @ ups[-1][1].T).double().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    acc.add(*ups[-1])
+    # online commit: ΔŴ becomes the accumulated update, factors of its rank
+    W = before.clone()
+    acc.write_restrained(W, commit=True)
+    np.testing.assert_allclose((W0.double() + acc.delta().double()).numpy(), expected, atol=2e-5)
+    np.testing.assert_allclose(W.double().numpy(), expected, atol=2e-5)
+    assert acc.num_factors == np.linalg.matrix_rank(dW)
+    # state round trip
+    back = AccumulatedUpdate.from_state_dict(acc.state_dict())
+    assert torch.equal(back.W0, acc.W0) and back.tau == acc.tau and torch.equal(back.delta(), acc.delta())
+
+
+def test_accumulated_update_weights_tracking_and_errors():
+    from lit_prune.restraint import AccumulatedUpdate
+
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(20, 8, generator=g)
+    acc = AccumulatedUpdate(W0, tracking="weights")
+    W = W0 + 5 * torch.randn(20, 8, generator=g)
+    expected = ref_view(W0.double().numpy(), (W - W0).double().numpy(), alpha=2.0)
+    res = acc.write_restrained(W, alpha=2.0, commit=True)
+    assert res.path == "dense" and res.n_restrained > 0
+    np.testing.assert_allclose(W.double().numpy(), expected, atol=2e-5)
+    assert acc.write_restrained(W0.clone()) is None  # ΔW = 0: nothing to do
+    with pytest.raises(ValueError, match="tracks ΔW from its weights"):
+        acc.add(torch.ones(20), torch.ones(8))
+    with pytest.raises(ValueError, match="update has shape \\(20, 9\\), W0 has \\(20, 8\\)"):
+        AccumulatedUpdate(W0).add(torch.ones(20), torch.ones(9))
+    with pytest.raises(ValueError, match="tracking must be one of"):
+        AccumulatedUpdate(W0, tracking="dense")
+    with pytest.raises(ValueError, match="saved W0 has shape \\(3, 3\\)"):
+        acc.load_state_dict(AccumulatedUpdate(torch.eye(3)).state_dict())

@@ -1,8 +1,9 @@
 """The end-of-run table: final metric values of every reporting callback, printed and saved next to the event files.
 
 Callbacks that inherit :class:`FinalMetricsReporter` put their last values in ``self.final_metrics`` (computed on all
-ranks). At ``on_fit_end`` the first reporter in ``trainer.callbacks`` merges all reporters' values, prints a table
-and, on rank 0, merges them into ``final_metrics.json`` in the run's log directory (``trainer.log_dir``).
+ranks). The table is written once per fit, at ``on_fit_end`` of the LAST reporter in ``trainer.callbacks`` (by then every
+reporter's ``on_fit_end`` has run, so the order of the callbacks does not matter): it merges all reporters' values,
+prints a table and, on rank 0, merges them into ``final_metrics.json`` in the run's log directory.
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ def write_final_metrics(directory: str | Path, metrics: Mapping[str, Any]) -> Pa
 
 
 class FinalMetricsReporter:
-    """Mixin for callbacks: fill ``self.final_metrics`` (tag -> float) by ``on_train_end``; the table is written once
-    per run by the first reporter at ``on_fit_end``."""
+    """Mixin for callbacks: fill ``self.final_metrics`` (tag -> float) by ``on_fit_end``; the table is written once
+    per fit by the last reporter in ``trainer.callbacks``, whatever their order."""
 
     final_metrics: dict[str, float]
 
     def report_final(self, trainer: Any, pl_module: Any) -> None:
         reporters = [cb for cb in trainer.callbacks if isinstance(cb, FinalMetricsReporter)]
-        if not reporters or reporters[0] is not self:
+        if not reporters or reporters[-1] is not self:
             return
         merged: dict[str, Any] = {}
         for cb in reporters:
