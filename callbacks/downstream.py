@@ -140,7 +140,7 @@ class DownstreamEvalCallback(FinalMetricsReporter, L.Callback):
             try:
                 self.data[t] = load_examples(t, src, self.n_examples[t])
             except DownstreamDataError as e:
-                setting = f"sources.{t}" if t in self.sources else (f"data_dir" if self.data_dir else ENV_DATA_DIR)
+                setting = f"sources.{t}" if t in self.sources else ("data_dir" if self.data_dir else ENV_DATA_DIR)
                 raise DownstreamDataError(f"DownstreamEvalCallback (setting {setting}): {e}") from None
 
     # -- scheduling ----------------------------------------------------------------------------------------------------

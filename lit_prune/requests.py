@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from .errors import LitPruneError
 
-class EditRequestError(ValueError):
-    """A malformed edit request; the message names the record and the field."""
+
+class EditRequestError(LitPruneError):
+    """A malformed edit request; the message names the record and the field (a ``ValueError``)."""
 
 
 @dataclass
@@ -69,6 +71,11 @@ class EditRequest:
                 raise EditRequestError(f"{w}: field '{f}' is empty")
         if self.target_true is not None and not isinstance(self.target_true, str):
             raise EditRequestError(f"{w}: field 'target_true' must be a string, got {type(self.target_true).__name__}")
+        if self.target_true is not None and self.target_new.strip() == self.target_true.strip():
+            raise EditRequestError(
+                f"{w}: field 'target_new' equals 'target_true' ({self.target_new.strip()!r}): there is nothing to "
+                "edit; change target_new or remove the record"
+            )
         if self.prompt.count("{}") != 1:
             raise EditRequestError(
                 f"{w}: field 'prompt' must contain exactly one '{{}}' where the subject goes, got {self.prompt!r}"

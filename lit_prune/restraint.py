@@ -13,6 +13,10 @@ Orientation does not matter (singular values are invariant under transposition):
 and GPT-2 ``Conv1D`` weights (in×out) are handled alike. All linear algebra runs in float32, or float64 when the
 input is float64, whatever the model's dtype.
 
+RECT (Gu et al., 2024), the other restraint of the accumulated update kept here (:func:`rect_mask`): keep the
+⌈k·mn⌉ entries of ΔW with the largest relative change |ΔW_ij| / |W₀_ij| (k = 0.4 as in the public ports), zero the
+rest: ΔW' = ΔW ⊙ M.
+
 Two ways to get the SVD of ΔW (:func:`delta_svd` picks automatically):
 - dense: a thin SVD of the m×n matrix, O(mn·min(m, n));
 - low-rank: when ΔW = A Bᵀ is known as factors with r columns (summed rank-one ROME edits, MEMIT batches),
@@ -319,6 +323,37 @@ def compress(svd: DeltaSVD, restrained: Restraint | None = None) -> tuple[Tensor
     return svd.U[:, :keep] * s[:keep], svd.V[:, :keep]
 
 
+# -- RECT ----------------------------------------------------------------------------------------------------------
+def rect_mask(delta: Tensor, W0: Tensor, fraction: float = 0.4) -> Tensor:
+    """RECT's mask M (bool, ``delta``'s shape): True on exactly ⌈fraction · numel⌉ entries, those with the largest
+    relative change |ΔW_ij| / |W₀_ij| (an entry with W₀_ij = 0 and ΔW_ij ≠ 0 counts as an infinite change; ties are
+    broken by position). Computed in float32 or better; ``delta`` and ``W0`` (m, n) share an orientation."""
+    check_rect_fraction(fraction)
+    if tuple(delta.shape) != tuple(W0.shape):
+        raise ValueError(f"rect_mask: ΔW has shape {tuple(delta.shape)}, W0 has {tuple(W0.shape)}")
+    cd = compute_dtype(delta.dtype)
+    d, w = delta.detach().to(cd).abs(), W0.detach().to(delta.device, cd).abs()
+    rel = torch.where(w > 0, d / w.clamp_min(torch.finfo(cd).tiny), torch.where(d > 0, math.inf, 0.0))
+    k = math.ceil(fraction * rel.numel())
+    mask = torch.zeros(rel.numel(), dtype=torch.bool, device=rel.device)
+    mask[torch.topk(rel.flatten(), k, sorted=False).indices] = True
+    return mask.view(rel.shape)
+
+
+def check_rect_fraction(fraction: float, where: str = "RECT") -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0 < fraction <= 1:
+        raise ValueError(f"{where}: fraction must be a number in (0, 1] (the share of ΔW's entries kept), got {fraction!r}")
+
+
+class Sparsification(NamedTuple):
+    """RECT applied to one accumulated update: ``kept`` of ``total`` entries, ‖ΔW'‖_F / ‖ΔW‖_F as ``kept_norm``."""
+
+    kept: int
+    total: int
+    kept_norm: float
+    changed: bool
+
+
 # -- the state PRUNE keeps per edited matrix -----------------------------------------------------------------------
 class AccumulatedUpdate:
     """PRUNE's state for one edited matrix: W₀, τ = σ_max(W₀) and the accumulated update ΔW (no Lightning).
@@ -469,6 +504,43 @@ class AccumulatedUpdate:
         if self.tracks_factors and commit:
             self.A, self.B = compress(res.svd, res)
         return res
+
+    @torch.no_grad()
+    def write_sparsified(
+        self, weight: Tensor, fraction: float = 0.4, *, commit: bool = False, keep: Tensor | None = None
+    ) -> Sparsification | None:
+        """RECT: turn ``weight`` (W₀ + ΔW) into W₀ + ΔW ⊙ M in place (:func:`rect_mask`); None while ΔW = 0.
+
+        ``commit`` and ``keep`` as in :meth:`write_restrained`. A committed ΔW' is dense: it is kept as factors
+        (ΔW', I) of min(m, n) columns, so later low-rank updates still add to it.
+        """
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"AccumulatedUpdate: weight has shape {tuple(weight.shape)}, W0 has {self.shape}")
+        self.to(weight.device)
+        D = self.delta(weight)
+        if not bool(D.any()):
+            return None
+        mask = rect_mask(D, self.W0, fraction)
+        dropped = D.masked_fill(mask, 0)
+        changed = bool(dropped.any())
+        if changed:
+            if keep is not None:
+                keep.copy_(weight)
+            if weight.dtype == dropped.dtype:
+                weight.sub_(dropped)
+            else:
+                weight.copy_(weight.to(dropped.dtype).sub_(dropped))
+        kept = D - dropped
+        if commit and self.tracks_factors:
+            self._set_delta(kept)
+        norm = float(D.norm())
+        return Sparsification(int(mask.sum()), mask.numel(), float(kept.norm()) / norm if norm > 0 else 1.0, changed)
+
+    def _set_delta(self, delta: Tensor) -> None:
+        """Replace the accumulated update by the dense ``delta`` (m, n), as factors with an identity on the small side."""
+        m, n = self.shape
+        eye = torch.eye(min(m, n), dtype=delta.dtype, device=delta.device)
+        self.A, self.B = (eye, delta.mT.contiguous()) if m <= n else (delta.contiguous(), eye)
 
     def to(self, device: torch.device | str) -> "AccumulatedUpdate":
         """Move W₀ and the factors to ``device`` (in place; returns self)."""

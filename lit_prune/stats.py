@@ -29,9 +29,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from . import nethook
+from .errors import CacheError
 from .models import cache_dir, load_texts
 
 
@@ -104,12 +106,33 @@ def save_npz(path: str | Path, stat: SecondMoment, n_samples: int) -> None:
 
 
 def load_npz(path: str | Path) -> SecondMoment:
-    """Read a statistics file written by :func:`save_npz` or by ROME's ``layer_stats``."""
-    with np.load(path, allow_pickle=False) as d:
-        if "mom2.mom2" not in d:
-            raise ValueError(f"{path}: not a second-moment file (no 'mom2.mom2'; keys: {sorted(d.keys())})")
-        count = int(d["mom2.count"] if "mom2.count" in d else d["count"])
-        return SecondMoment(torch.from_numpy(np.array(d["mom2.mom2"], dtype=np.float64)), count)
+    """Read a statistics file written by :func:`save_npz` or by ROME's ``layer_stats``.
+
+    Raises :class:`~lit_prune.errors.CacheError` (a ``ValueError``) naming the file when it is truncated, not a
+    second-moment file, or holds a non-square, non-finite or empty sum.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            if "mom2.mom2" not in d:
+                raise CacheError(f"{path}: not a second-moment file (no 'mom2.mom2'; keys: {sorted(d.keys())})")
+            if "mom2.count" not in d and "count" not in d:
+                raise CacheError(f"{path}: not a second-moment file (no 'mom2.count' or 'count')")
+            count = int(d["mom2.count"] if "mom2.count" in d else d["count"])
+            mom2 = np.array(d["mom2.mom2"], dtype=np.float64)
+    except CacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile, numpy and OS errors all mean the same: unreadable
+        raise CacheError(f"statistics file '{path}' is unreadable (truncated or damaged: {type(e).__name__}: {e}); "
+                         "delete it to have it recomputed") from None
+    if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or count < 1 or not np.isfinite(mom2).all():
+        raise CacheError(f"statistics file '{path}' holds an invalid sum (shape {mom2.shape}, count {count}); "
+                         "delete it to have it recomputed")
+    return SecondMoment(torch.from_numpy(mom2), count)
+
+
+def _k_dim(module: nn.Module) -> int:
+    """Size of the input (key) of an edited matrix: ``nn.Linear`` stores (out, in), GPT-2's ``Conv1D`` (in, out)."""
+    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
 
 
 def _dist() -> tuple[int, int]:
@@ -197,7 +220,7 @@ def collect_second_moments(
         counts = _all_reduce(torch.tensor([count], dtype=torch.float64), device)
         count = int(counts.item())
         for m in modules:
-            k_dim = mods[m].weight.shape[1] if isinstance(mods[m], nn.Linear) else mods[m].weight.shape[0]
+            k_dim = _k_dim(mods[m])
             local = sums[m] if sums[m] is not None else torch.zeros(k_dim, k_dim, dtype=torch.float64, device=device)
             sums[m] = _all_reduce(local, device)
     if count == 0:
@@ -225,8 +248,9 @@ def second_moments(
     """Second moments of the input of each module in ``modules`` from the first ``n_samples`` texts of ``source``.
 
     Loaded from the disk cache when present; the missing ones are computed together in one pass and saved (rank 0
-    writes). ``n_samples`` larger than the source is clipped to the source's size (with a warning); the cache key
-    uses the number actually used. ``model_name`` defaults to :func:`model_key`.
+    writes, atomically). A cached file that is unreadable (e.g. truncated) or has the wrong shape is recomputed and
+    replaced, with a warning naming it. ``n_samples`` larger than the source is clipped to the source's size (with a
+    warning); the cache key uses the number actually used. ``model_name`` defaults to :func:`model_key`.
     """
     if n_samples < 1:
         raise ValueError(f"second_moments: n_samples must be >= 1, got {n_samples}")
@@ -245,28 +269,48 @@ def second_moments(
         return [stats_file(stats_dir, model_name, source, m, dt, n, max_length),
                 rome_stats_file(stats_dir, model_name, source, m, dt, n)]
 
-    def find(m: str, n: int) -> Path | None:
-        return next((p for p in paths(m, n) if p.is_file()), None) if use_cache else None
+    def cached(m: str, n: int) -> SecondMoment | None:
+        """The cached statistics of ``m``; an unreadable or mismatched file is reported and recomputed."""
+        if not use_cache:
+            return None
+        for p in paths(m, n):
+            if not p.is_file():
+                continue
+            try:
+                st = load_npz(p)
+            except CacheError as e:
+                warnings.warn(f"{e}; recomputing it", stacklevel=3)
+                continue
+            k = _k_dim(model.get_submodule(m))
+            if tuple(st.mom2.shape) != (k, k):
+                warnings.warn(f"statistics file '{p}' has shape {tuple(st.mom2.shape)}, '{m}' needs ({k}, {k}) "
+                              "(another model cached under the same name?); recomputing it", stacklevel=3)
+                continue
+            return st
+        return None
 
-    if any(find(m, n) is None for m in modules):
+    got = {m: cached(m, n) for m in modules}
+    if any(st is None for st in got.values()):
         texts = load_texts(source)
         if len(texts) < n_samples:
             warnings.warn(f"text source '{source}' has {len(texts)} texts; using all of them, not {n_samples}",
                           stacklevel=2)
             n = len(texts)
+            got = {m: cached(m, n) for m in modules}
         texts = texts[:n]
-    missing = [m for m in modules if find(m, n) is None]
+    missing = [m for m in modules if got[m] is None]
     if world > 1:  # every rank must take the same branch
         flag = _all_reduce(torch.tensor([float(bool(missing))]), device, torch.distributed.ReduceOp.MAX)
         if flag.item() > 0:
             missing = list(modules)
     for m in modules:
         if m not in missing:
-            out[m] = load_npz(find(m, n))
+            out[m] = got[m]
     if missing:
         assert texts is not None or world > 1
         if texts is None:
             texts = load_texts(source)[:n]
+        rank_zero_info(f"computing second-moment statistics: {len(missing)} module(s), {len(texts)} texts of '{source}'")
         computed = collect_second_moments(model, tok, missing, texts, max_length, batch_tokens, progress)
         for m, st in computed.items():
             out[m] = st

@@ -482,8 +482,8 @@ def test_constructor_validates(kwargs, match):
 @pytest.mark.parametrize(
     "params,match",
     [
-        (r"attn\.q_proj", r"regex 'attn\\\\.q_proj' matches no 2-D parameter of PlainRegression"),
-        (["net.5.weight"], "parameter 'net.5.weight' not found in PlainRegression"),
+        (r"attn\.q_proj", r"PruneCallback params: regex 'attn\\\\.q_proj' matches no 2-D parameter of PlainRegression"),
+        (["net.5.weight"], "PruneCallback params: parameter 'net.5.weight' is not in PlainRegression"),
         (["net.0.bias"], "parameter 'net.0.bias' is not a matrix"),
         (None, "reports no `edited_parameters`"),
     ],

@@ -9,8 +9,9 @@ from typing import Any, Iterator
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..errors import ConfigError
 from ..requests import EditRequest, EditRequestError
-from .formats import FORMATS, demo_path, read_records, records_to_requests
+from .formats import FORMATS, demo_path, read_records_with_lines, records_to_requests
 
 
 class EditStream(IterableDataset):
@@ -65,10 +66,12 @@ class EditDataModule(L.LightningDataModule):
         split: str = "train",
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"EditDataModule: batch_size must be an integer >= 1, got {batch_size!r}")
-        if n_edits is not None and (not isinstance(n_edits, int) or n_edits < 1):
-            raise ValueError(f"EditDataModule: n_edits must be a positive integer or null, got {n_edits!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"EditDataModule: batch_size must be an integer >= 1, got {batch_size!r}")
+        if n_edits is not None and (isinstance(n_edits, bool) or not isinstance(n_edits, int) or n_edits < 1):
+            raise ConfigError(
+                f"EditDataModule: n_edits must be a positive integer or null, got {n_edits!r}"
+            )
         if format is not None and format not in FORMATS:
             raise EditRequestError(f"EditDataModule: unknown format '{format}'; known formats: {', '.join(FORMATS)}")
         self.path, self.format, self.n_edits = path, format, n_edits
@@ -77,8 +80,10 @@ class EditDataModule(L.LightningDataModule):
 
     def _load(self) -> list[EditRequest]:
         p = demo_path() if self.path == "demo" else Path(self.path).expanduser()
+        lines = None
         if p.exists():
-            records, source = read_records(p), str(p)
+            records, lines = read_records_with_lines(p)
+            source = str(p)
         elif self.path.startswith((".", "/", "~")) or self.path.endswith((".json", ".jsonl")):
             raise EditRequestError(f"edit data file not found: '{p}'")
         else:
@@ -89,6 +94,8 @@ class EditDataModule(L.LightningDataModule):
             except Exception as e:  # noqa: BLE001 - name the source whatever datasets raised
                 raise EditRequestError(f"'{self.path}' is not a local file and could not be loaded from the hub: {e}") from None
             source = f"hub dataset {self.path}[{self.split}]"
+        if not records:
+            raise EditRequestError(f"{source} holds no edit records")
         order = list(range(len(records)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
@@ -97,7 +104,9 @@ class EditDataModule(L.LightningDataModule):
                 raise EditRequestError(f"n_edits={self.n_edits} but {source} has only {len(records)} records")
             order = order[: self.n_edits]
         # validated with the original record indices so messages point into the file
-        return records_to_requests([records[i] for i in order], self.format, source=source, indices=order)
+        return records_to_requests(
+            [records[i] for i in order], self.format, source=source, indices=order, lines=lines
+        )
 
     @property
     def num_batches(self) -> int:

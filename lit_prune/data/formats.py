@@ -28,8 +28,8 @@ from ..requests import EditRequest, EditRequestError, template_from_prompt
 FORMATS = ("counterfact", "easyedit", "zsre", "lit_prune")
 
 
-def detect_format(record: Mapping[str, Any]) -> str:
-    """Name of the format of one record (see the module docstring)."""
+def detect_format(record: Mapping[str, Any], where: str = "record") -> str:
+    """Name of the format of one record (see the module docstring); ``where`` names the record in the error."""
     if "requested_rewrite" in record:
         return "counterfact"
     if "ground_truth" in record or "rephrase_prompt" in record:
@@ -39,7 +39,8 @@ def detect_format(record: Mapping[str, Any]) -> str:
     if "prompt" in record and "target_new" in record:
         return "lit_prune"
     raise EditRequestError(
-        f"cannot tell the format of a record with fields {sorted(record)}; known formats: {', '.join(FORMATS)}"
+        f"{where}: cannot tell the format of a record with fields {sorted(record)}; known formats: "
+        f"{', '.join(FORMATS)} (see lit_prune.data.formats); name one with --data.format"
     )
 
 
@@ -121,20 +122,31 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any], str], EditRequest]] = {
 
 
 def records_to_requests(
-    records: list[Mapping[str, Any]], fmt: str | None = None, source: str = "data", indices: list[int] | None = None
+    records: list[Mapping[str, Any]],
+    fmt: str | None = None,
+    source: str = "data",
+    indices: list[int] | None = None,
+    lines: list[int] | None = None,
 ) -> list[EditRequest]:
-    """Convert and validate records; errors name ``source``, the record index (``indices[i]`` if given) and field."""
+    """Convert and validate records; errors name ``source``, the record index (``indices[i]`` if given), the line
+    of a JSON Lines file (``lines[indices[i]]`` if given) and the field."""
     if fmt is not None and fmt not in CONVERTERS:
-        raise EditRequestError(f"unknown data format '{fmt}'; known formats: {', '.join(FORMATS)}")
+        raise EditRequestError(f"{source}: unknown data format '{fmt}'; known formats: {', '.join(FORMATS)}")
+
+    def where_of(j: int) -> str:
+        i = indices[j] if indices is not None else j
+        return f"{source}: record {i}" + (f" (line {lines[i]})" if lines is not None else "")
+
     if fmt is None and records and isinstance(records[0], Mapping):
-        fmt = detect_format(records[0])  # one format per file: a malformed record is reported, not re-detected
+        # one format per file: a malformed record is reported, not re-detected
+        fmt = detect_format(records[0], where_of(0))
     out = []
     for j, rec in enumerate(records):
         i = indices[j] if indices is not None else j
-        where = f"{source}: record {i}"
+        where = where_of(j)
         if not isinstance(rec, Mapping):
             raise EditRequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        req = CONVERTERS[fmt or detect_format(rec)](rec, where)
+        req = CONVERTERS[fmt or detect_format(rec, where)](rec, where)
         if req.case_id is None:
             req.case_id = i
         req.validate(where)
@@ -144,23 +156,45 @@ def records_to_requests(
     return out
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``.json`` (a list) or ``.jsonl`` file."""
+def read_records_with_lines(path: str | Path) -> tuple[list[Any], list[int] | None]:
+    """Records of a ``.json`` (a list, or ``{"data": [...]}``) or ``.jsonl`` file (one record per non-empty line),
+    and for JSON Lines the 1-based line number of each record (``None`` for ``.json``)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise EditRequestError(f"'{p}' is a directory; data.path must name a .json or .jsonl file of edit records")
     if not p.is_file():
         raise EditRequestError(f"edit data file not found: '{p}'")
-    text = p.read_text(encoding="utf-8")
     try:
-        if p.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EditRequestError(f"'{p}' is not UTF-8 text (byte {e.start}): save it as UTF-8 JSON") from None
+    except OSError as e:
+        raise EditRequestError(f"cannot read edit data file '{p}': {e.strerror or e}") from None
+    if p.suffix == ".jsonl":
+        records, lines = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise EditRequestError(f"'{p}': line {n} is not valid JSON: {e.msg} (column {e.colno})") from None
+            lines.append(n)
+        return records, lines
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise EditRequestError(f"'{p}' is not valid JSON: {e}") from None
+        raise EditRequestError(f"'{p}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if isinstance(data, dict) and "data" in data:
         data = data["data"]
     if not isinstance(data, list):
         raise EditRequestError(f"'{p}': expected a JSON list of records, got {type(data).__name__}")
-    return data
+    return data, None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``.json`` (a list) or ``.jsonl`` file."""
+    return read_records_with_lines(path)[0]
 
 
 def demo_path() -> Path:
@@ -171,9 +205,9 @@ def demo_path() -> Path:
 def load_requests(path: str | Path | None = None, fmt: str | None = None, n: int | None = None) -> list[EditRequest]:
     """Requests from a local file (``None`` or ``"demo"``: the bundled demo set), the first ``n`` if given."""
     p = demo_path() if path in (None, "demo") else Path(path)
-    records = read_records(p)
+    records, lines = read_records_with_lines(p)
     if n is not None:
         if n > len(records):
             raise EditRequestError(f"n_edits={n} but '{p}' has only {len(records)} records")
         records = records[:n]
-    return records_to_requests(records, fmt, source=str(p))
+    return records_to_requests(records, fmt, source=str(p), lines=lines)

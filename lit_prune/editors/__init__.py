@@ -7,11 +7,14 @@
     updates = editor.apply(model, tokenizer, [{"prompt": "{} is located in", "subject": "The Eiffel Tower",
                                               "target_new": "Rome", "target_true": "Paris"}])
 
+``AlphaEdit`` is MEMIT with its update projected onto the null space of the preserved keys (batch-sequential).
+
 ``MEND`` edits with a trained hypernetwork (``MEND("smollm2-135m")`` loads the one bundled for the embedded model;
 train others with ``python -m lit_prune.mend_training``).
 """
 
 from . import presets
+from .alphaedit import AlphaEdit
 from .base import EditError, Editor, LowRankUpdate, Updates, apply_updates, check_updates
 from .ft import FT
 from .memit import MEMIT
@@ -21,6 +24,7 @@ from .rome import ROME
 
 __all__ = [
     "ARCHITECTURES",
+    "AlphaEdit",
     "ArchTemplates",
     "EditError",
     "Editor",

@@ -8,11 +8,14 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import LitPruneError
 from ..requests import EditRequest
 
 
-class EditError(RuntimeError):
-    """An edit could not be computed or applied; the message names the request or parameter."""
+class EditError(LitPruneError):
+    """An edit could not be computed or applied (a layer outside the model, a module template that matches nothing,
+    no requests, a non-finite update, ...); the message names the request or parameter. A ``ValueError``, like every
+    lit_prune error about bad arguments; nothing was written when it is raised."""
 
 
 @dataclass
@@ -119,6 +122,17 @@ class Editor:
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: list[EditRequest]) -> Updates:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the editor carries from one edit batch to the next (AlphaEdit: the edited keys); default nothing.
+        ``SequentialEditingModule`` saves it in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def forget(self, n_batches: int) -> None:
+        """Drop what the last ``n_batches`` computed batches left in the editor's state (called by undo)."""
 
     def apply(self, model: nn.Module, tokenizer: Any, requests: list[EditRequest | Mapping[str, Any]]) -> Updates:
         """Edit ``model`` in place for ``requests`` (dicts or :class:`EditRequest`); returns the applied updates."""

@@ -1,8 +1,9 @@
 """Keys and values at the subject's last token (ROME ``compute_u``'s k*, MEMIT ``compute_ks`` / current z).
 
-k* of a request at layer l = mean over the context templates of the input of the edited matrix at the subject's
+k* (k̄) of a request at layer l = mean over the context templates of the input of the edited matrix at the subject's
 last token of ``context + prompt(subject)`` (ROME/MEMIT ``subject_last`` fact token). All requests × templates run
-in one batch; the forward stops at the module that is read.
+in one batch; the forward stops at the module that is read. k₀ = the same key for the bare prompt alone (template
+``"{}"``): the key original ROME uses in its residual and denominator (kmeng01/rome ``compute_v``'s ``cur_input``).
 """
 
 from __future__ import annotations
@@ -41,3 +42,9 @@ def compute_ks(
     """(n_requests, k_dim) float32: k* = mean over templates of the key entering ``module`` at the subject's last
     token."""
     return reprs_at_subject(model, tok, requests, context_templates, module, "in").mean(1)
+
+
+def compute_k0(model: nn.Module, tok: Any, request: EditRequest, module: str) -> Tensor:
+    """(k_dim,) float32: k₀, the key entering ``module`` at the subject's last token of the bare prompt
+    ``prompt(subject)`` (no context template; the tokenizer's special tokens as it adds them)."""
+    return reprs_at_subject(model, tok, [request], ["{}"], module, "in")[0, 0]

@@ -91,8 +91,12 @@ class MEMIT(LocateEditor):
             rewrite_module_tmp, mlp_module_tmp, layer_module_tmp, layers_module, ln_f_module, lm_head_module,
             context_templates, mom2_dataset, stats_dir, fast, progress,
         )
+        self.last_keys: dict[str, Tensor] = {}
+        """Edited module -> the keys K (k_dim, n), float64, of the latest :meth:`compute`'s batch."""
         self.last_info: list[dict[str, Any]] = []
-        """One record per request of the latest :meth:`compute` (z optimisation: losses, steps, seconds)."""
+        """One record per request of the latest :meth:`compute` (z optimisation: losses, steps, seconds; ``h``: the
+        residual stream after the last edited layer at the subject's last token of the bare prompt before the edit,
+        ``z`` = h + δ its target, both (hidden,) float32)."""
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         super().prepare(model, tokenizer)
@@ -114,7 +118,7 @@ class MEMIT(LocateEditor):
                 hp["early_stop_loss"]))
             zs.append(res.target.double())
             self.last_info.append({"request": i, "losses": res.losses, "steps": len(res.losses), "fast": fast,
-                                   "seconds": time.perf_counter() - t0})
+                                   "h": res.v_init, "z": res.target, "seconds": time.perf_counter() - t0})
         return torch.stack(zs, 1)
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]) -> Updates:
@@ -138,12 +142,17 @@ class MEMIT(LocateEditor):
                 cur = reprs_at_subject(model, tokenizer, reqs, ["{}"], z_module, "out")[:, 0].T.double()  # (hidden, n)
                 R = zs.to(cur.device) - cur
                 resid = R / (len(layers) - i)
-                adj = memit_key_solve(lambda x: self.solve_C(model, tokenizer, mat.name, x), K, lam)  # (k_dim, n)
+                adj = self.key_solve(model, tokenizer, mat.name, K, lam)  # (k_dim, n)
                 up = self.finite_update(
                     mat.update(V=resid.to(adj.device), K=adj),
                     f"MEMIT update of '{mat.param_name}' for requests {[self.where(j, r) for j, r in enumerate(reqs)]}",
                 )
                 parts[mat.param_name].append(up)
+                self.last_keys[mat.name] = K
                 if i < len(layers) - 1:
                     mat.add_(up)
         return concat_updates(parts)
+
+    def key_solve(self, model: nn.Module, tok: Any, module: str, K: Tensor, lam: float) -> Tensor:
+        """K' (k_dim, n), float64, with Δ = R K'ᵀ: MEMIT's (λC + KKᵀ)⁻¹ K (subclasses change the update here)."""
+        return memit_key_solve(lambda x: self.solve_C(model, tok, module, x), K, lam)

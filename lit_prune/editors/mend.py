@@ -4,6 +4,15 @@ An edit = one forward/backward pass of the fine-tuning loss of ``target_new`` to
 of the edited weights (:mod:`.mend_factors`), then the trained transform (:mod:`.mend_hypernet`) turns them into a
 low-rank update per weight. The hypernetwork is trained with ``python -m lit_prune.mend_training --config
 configs/mend_train_smollm2.yaml``; its checkpoint records the model and the weights it was trained for.
+
+The gradient transform deviates from the reference code (eric-mitchell/mend) in two ways that change what it can
+learn, both documented in :mod:`.mend_hypernet`: its outputs are mapped back out of the normalised space (the
+reference multiplies the normalised outputs), and its block structure differs (one residual low-rank MLP block
+with the nonlinearity on the rank-r bottleneck and per-layer scale/shift on the input, against the reference's two
+``LRLinear`` layers with a full-width ReLU and per-layer scale/shift on each layer's output). The bundled
+``smollm2-135m`` hypernetwork was trained for 500 steps (the reference trains for up to 100k): it is
+under-trained (``benchmarks/results/single_edit.md``), so MEND results on the embedded model are this
+hypernetwork's, not the paper's MEND's.
 """
 
 from __future__ import annotations

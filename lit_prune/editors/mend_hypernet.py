@@ -11,11 +11,33 @@ The MLP (``U``, ``V``, ``c``, ``e``) is shared by all edited weights of the same
 and its own learned edit learning rate ``η_ℓ = exp(log_lr_ℓ)``. ``U = 0`` at initialisation, so an untrained
 transform maps every factor to itself and the update is the plain gradient step ``-η ∇_W L``.
 
-Two deliberate differences from the reference code: the MLP's output is mapped back through the (affine) inverse of
-the normalisation (the reference feeds normalised factors straight into the outer product), which is what makes the
-untrained transform an exact gradient step; and the edit learning rate is learned in log space, because the scale of
-a raw gradient step spans orders of magnitude across models. The running moments are kept per edited weight
-(the reference shares them per shape) and are frozen outside training mode.
+Deviations from the reference gradient transform (eric-mitchell/mend ``algs/mend.py`` ``GradientTransform`` and
+``nn.py`` ``IDMLP``/``LRLinear`` with ``config/alg/mend.yaml``: ``combine: True``, ``n_hidden: 1``, ``init: id``,
+``rank: 1920``, ``shared: True``, ``norm: True``). The paper's formulation (Mitchell et al. 2022, §3.1-3.2) is the
+same MLP g applied to the normalised factors; these are choices of this implementation, not of the paper:
+
+1. **Output space.** The reference feeds ``[(x − μ_x)/σ_x ; (δ − μ_δ)/σ_δ]`` through the MLP and builds the update
+   from the MLP's output as it is, i.e. still in the normalised space: ``ΔW ∝ Σ_t δ̃_t x̃_tᵀ`` with ``x̃_t`` a
+   standardised vector. Here the output is mapped back through the (affine) inverse of the normalisation,
+   ``x̃ = μ_x + σ_x ⊙ g_x``, ``δ̃ = μ_δ + σ_δ ⊙ g_δ``. So an untrained transform is the exact gradient step (in the
+   reference it is the outer product of the standardised factors, which is not the gradient), and the scale of
+   the update follows the scale of the model's activations instead of being set by ``η`` alone.
+2. **Block structure.** The reference ``IDMLP`` is ``n_hidden + 1`` = 2 layers ``LRLinear`` in sequence, each
+   ``z ← z + relu(s_m ⊙ (U V z + b) + t_m)``: a full-width linear map factorised at rank r (U: dim×r, V: r×dim),
+   the per-mode (per edited weight) scale ``s_m`` and shift ``t_m`` applied to its OUTPUT before the
+   nonlinearity, and a ReLU (clamp) on the full-width output in BOTH layers (``LRLinear.forward`` ignores its
+   ``relu`` flag); ``U = 0``, ``V ~ N(0, 1)`` at initialisation. Here each of ``n_blocks`` (default 1) blocks is
+   ``z ← s_m ⊙ z + b_m ; z ← z + U relu(V z + c) + e``: the per-mode scale/shift on the block's INPUT, the ReLU
+   on the rank-r bottleneck (a residual low-rank MLP) and a linear full-width output with bias ``e``;
+   ``U = 0``, ``V ~ N(0, 1/dim)``. Both start as the identity; they are different function classes, and a
+   hypernetwork trained with one cannot be loaded into the other.
+
+Smaller differences: the edit learning rate is learned in log space, ``η_ℓ = exp(log_lr_ℓ) > 0``, and the update
+is ``−η Σ δ̃ x̃ᵀ`` (a descent step at initialisation; the reference learns a raw ``edit_lr``, initialised at 1e-4,
+and adds ``+edit_lr · Σ x̃ δ̃ᵀ``, so its sign is left to training); the running moments are kept per edited
+weight (the reference shares them across the weights of one shape) with std clamped at 1e-8 (reference:
+``σ + 1e-7``), and are frozen outside training mode in both. Factor rows with a zero input or zero gradient are
+dropped before the transform, as in the reference (``mend_factors.py``).
 """
 
 from __future__ import annotations

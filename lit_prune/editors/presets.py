@@ -142,7 +142,7 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
 DEFAULTS: dict[str, dict[str, Any]] = {
     # Values not given by a preset (ROME/MEMIT code defaults).
     "rome": dict(v_loss_layer=None, mom2_adjustment=True, mom2_max_length=256, context_template_lengths=None,
-                 early_stop_loss=5e-2),
+                 early_stop_loss=5e-2, key_mode="averaged"),
     "memit": dict(v_loss_layer=None, mom2_max_length=256, context_template_lengths=None, early_stop_loss=5e-2),
     "ft": dict(early_stop_loss=1e-2),
 }

@@ -1,33 +1,46 @@
-"""ROME (Meng et al., 2022): a rank-one update of one MLP output matrix per edit, with the r-ROME fix.
+"""ROME (Meng et al., 2022): a rank-one update of one MLP output matrix per edit, with two key choices.
 
 For a request and edited layer l, with W: k -> v the MLP output projection and C = E[k kᵀ] its key statistics::
 
-    k*  = mean over context templates of k at the subject's last token          (compute_ks.py)
-    u   = C⁻¹ k*                                                               (compute_u.py, mom2_adjustment)
+    k̄   = mean over context templates of k at the subject's last token          (compute_ks.py: compute_ks)
+    k₀  = k at the subject's last token of the bare prompt (no context template)  (compute_ks.py: compute_k0)
+    u   = C⁻¹ k̄                                                               (compute_u.py, mom2_adjustment)
     v*  = v + δ, δ optimised so that the model predicts target_new             (compute_v.py)
-    ΔW  = (v* − W k*) uᵀ / (uᵀ k*)                                              (stored orientation: weights.py)
 
-so that (W + ΔW) k* = v*. The SAME averaged key k* is used in u, in the residual and in the denominator (the
-original code used the bare prompt's key in the last two, which "disables" some edits; Gupta et al., r-ROME).
+and then, by ``key_mode`` (stored orientation: weights.py):
+
+- ``"averaged"`` (default; r-ROME, Gupta et al. 2024): ΔW = (v* − W k̄) uᵀ / (uᵀ k̄), the SAME averaged key in
+  u, in the residual and in the denominator, so that (W + ΔW) k̄ = v*.
+- ``"original"`` (kmeng01/rome, EasyEdit and the PRUNE repository; the paper's editor): u = C⁻¹k̄ as above but
+  ΔW = (v* − W k₀) uᵀ / (uᵀ k₀), so (W + ΔW) k₀ = v* and ΔW k̄ = (v* − W k₀)/ρ with ρ = uᵀk₀ / uᵀk̄. Where k₀ is
+  far from k̄ (a subject at the first position of a prompt without BOS: on SmolLM2 case_id 173 gives ρ ≈ 0.015)
+  the edit overshoots by 1/ρ; that is what makes sequential original ROME collapse, what PRUNE was built to
+  restrain, and what reproducing the paper needs. The averaged choice removes the overshoot and is the default.
+
 Several requests in one call are edited one after another, each computed with the previous ones applied; the
 returned update is their sum (factors concatenated, rank = number of requests). The caller's weights are unchanged.
+:attr:`ROME.last_info` records k̄, k₀, v* and ρ of every (request, layer).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from torch import nn
 
 from ..requests import EditRequest
 from .base import EditError, Updates
-from .compute_ks import compute_ks
+from .compute_ks import compute_k0, compute_ks
 from .compute_u import compute_u
 from .compute_v import DeltaForward, DeltaHParams, optimize_delta
 from .locate import LocateEditor, concat_updates, restored_weights
 from .tokens import PromptSet, pad_id, prompt_set
 from .weights import EditedMatrix
+
+
+KEY_MODES = ("averaged", "original")
+"""ROME's key choices (see the module docstring)."""
 
 
 def _check_positive(owner: str, **values: Any) -> None:
@@ -48,6 +61,11 @@ class ROME(LocateEditor):
     ``context_template_lengths`` (ROME-style: greedy generations of that many new tokens from 5 seeds per length)
     are given. Module templates default to the architecture's. ``fast=False`` runs the plain full forward at every
     optimisation step (same result, slower). ``stats_dir`` defaults to ``cache_dir()/stats``.
+
+    ``key_mode``: ``"averaged"`` (default, r-ROME: k̄ in u, residual and denominator) or ``"original"`` (the paper's
+    ROME: u = C⁻¹k̄, the bare prompt's key k₀ in the residual and the denominator); see the module docstring. It is
+    not a per-model preset: every model gets ``"averaged"`` unless it is passed (the paper configs
+    ``configs/gpt2xl_*`` and ``configs/llama3_8b_*`` pass ``"original"``). It appears in :meth:`hparams`.
     """
 
     method = "rome"
@@ -77,7 +95,10 @@ class ROME(LocateEditor):
         stats_dir: str | None = None,
         fast: bool = True,
         progress: bool = True,
+        key_mode: Literal["averaged", "original"] = "averaged",
     ) -> None:
+        if key_mode not in KEY_MODES:
+            raise ValueError(f"{type(self).__name__}: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
         _check_positive(type(self).__name__, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr,
                         clamp_norm_factor=clamp_norm_factor, mom2_n_samples=mom2_n_samples,
                         mom2_max_length=mom2_max_length)
@@ -88,12 +109,14 @@ class ROME(LocateEditor):
             dict(layers=layers, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr, v_loss_layer=v_loss_layer,
                  v_weight_decay=v_weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
                  early_stop_loss=early_stop_loss, mom2_adjustment=mom2_adjustment, mom2_n_samples=mom2_n_samples,
-                 mom2_max_length=mom2_max_length, context_template_lengths=context_template_lengths),
+                 mom2_max_length=mom2_max_length, context_template_lengths=context_template_lengths,
+                 key_mode=key_mode),
             rewrite_module_tmp, mlp_module_tmp, layer_module_tmp, layers_module, ln_f_module, lm_head_module,
             context_templates, mom2_dataset, stats_dir, fast, progress,
         )
         self.last_info: list[dict[str, Any]] = []
-        """One record per (request, layer) of the latest :meth:`compute`: loss curve, steps, seconds, fast path."""
+        """One record per (request, layer) of the latest :meth:`compute`: loss curve, steps, seconds, fast path, the keys
+        ``k_star`` (k̄) and ``k0`` (k₀), ``rho`` = uᵀk₀ / uᵀk̄, ``v_star`` (v*) and ``key_mode``."""
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         super().prepare(model, tokenizer)
@@ -127,21 +150,25 @@ class ROME(LocateEditor):
         self, model: nn.Module, tok: Any, req: EditRequest, prompts: PromptSet, mat: EditedMatrix, layer: int,
         hp: dict[str, Any], templates: list[str],
     ):
-        """The rank-one update of one request at one layer, and a record of the δ optimisation."""
+        """The rank-one update of one request at one layer, and a record of the δ optimisation and the keys."""
         k_star = compute_ks(model, tok, [req], templates, mat.name)[0]
+        k0 = compute_k0(model, tok, req, mat.name)
         solve = (lambda x: self.solve_C(model, tok, mat.name, x)) if hp["mom2_adjustment"] else None
-        u = compute_u(k_star, solve)
+        u = compute_u(k_star, solve)  # u = C⁻¹k̄ in both key modes
         fast = self.use_fast(model, tok, prompts, layer, "mlp", hp["v_loss_layer"])
         forward = DeltaForward(model, self.arch(model), prompts, layer, "mlp", hp["v_loss_layer"], fast, pad_id(tok))
         res = optimize_delta(forward, DeltaHParams(
             hp["v_num_grad_steps"], hp["v_lr"], hp["v_weight_decay"], hp["clamp_norm_factor"], hp["kl_factor"],
             hp["early_stop_loss"]))
-        k = k_star.double().to(u.device)
+        original = hp["key_mode"] == "original"
+        k = (k0 if original else k_star).double().to(u.device)  # the key of the residual and the denominator
+        name = "k₀" if original else "k̄"
         denom = u @ k
         if not bool(denom.isfinite()) or float(denom.abs()) == 0.0:
-            raise EditError(f"ROME: uᵀk* = {float(denom)} for subject {req.subject!r} at '{mat.name}'; "
-                            "the statistics C are singular or non-finite (increase mom2_n_samples)")
-        residual = res.target.double().to(u.device) - mat.value(k_star).double().to(u.device)  # v* − W k*
+            raise EditError(f"ROME ({hp['key_mode']} keys): uᵀ{name} = {float(denom)} for subject {req.subject!r} at "
+                            f"'{mat.name}'; the statistics C are singular or non-finite (increase mom2_n_samples)")
+        residual = res.target.double().to(u.device) - mat.value(k).double().to(u.device)  # v* − W k
         up = mat.update(V=residual, K=u / denom)
-        return up, {"losses": res.losses, "steps": len(res.losses), "fast": fast,
-                    "k_star": k_star, "v_star": res.target}
+        rho = float((u @ k0.double().to(u.device)) / (u @ k_star.double().to(u.device)))
+        return up, {"losses": res.losses, "steps": len(res.losses), "fast": fast, "key_mode": hp["key_mode"],
+                    "k_star": k_star, "k0": k0, "rho": rho, "v_star": res.target}
