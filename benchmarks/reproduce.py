@@ -1,7 +1,9 @@
 """Reproduce the paper's findings on the embedded model: sequential editing with and without PRUNE.
 
     python benchmarks/reproduce.py run --editor rome --n 200          # one editor, all restraint set-ups
-    python benchmarks/reproduce.py run --editor memit --n 200
+    python benchmarks/reproduce.py run --editor rome --label rome_original --editor-args '{"key_mode": "original"}' \
+        --order seed:1 --n 200                                        # a row = one command: label, editor, order
+    python benchmarks/reproduce.py downstream --label rome            # the four tasks at N = 0, 100, 200 (paper counts)
     python benchmarks/reproduce.py report                             # docs/results.md + docs/figures/*.png
 
 Per editor two edit streams are run (batch size 1, the first N CounterFact edits of counterfact-edit.json):
@@ -11,9 +13,12 @@ Per editor two edit streams are run (batch size 1, the first N CounterFact edits
   - ``online``: PRUNE α = e applied after every edit and written back; later edits build on it.
 Both restrain through the shipped code, :class:`lit_prune.restraint.AccumulatedUpdate`, used as ``PruneCallback`` uses
 it (``tests/test_reproduce.py`` checks the rows against ``train.py``-style runs with the callback).
-Recorded against N: κ(W) and σ_max(ΔW) of every edited matrix (every edit), perplexity on held-out bundled wiki text
-(every ``--ppl-every`` edits), retention efficacy/generalization/locality of all edits so far (every
-``--eval-every``), and the paper's four downstream tasks on ``--downstream-n`` examples each at ``--downstream-at``.
+Recorded against N: κ(W) and σ_max(ΔW) of every edited matrix and the immediate scores of the edit just made (every
+edit), perplexity on ``--ppl-texts`` held-out bundled wiki texts (every ``--ppl-every`` edits), retention
+efficacy/generalization/locality of all edits so far (every ``--eval-every``), each with a 95 % interval (Wilson for
+rates of 0/1 values, a seeded bootstrap otherwise; ``benchmarks/intervals.py``). The paper's four downstream tasks
+are a separate, resumable pass over state snapshots kept at ``--snapshot-at`` (``reproduce.py downstream``: the
+paper's example counts 358/149/261/299 by default, Wilson intervals), so the edit streams never wait for them.
 
 Resumable: the restraint state (``<editor>_<run>.pt``: each matrix's ``AccumulatedUpdate.state_dict()``) and every metric row (``<editor>_<run>.jsonl``)
 are written to ``--out`` after each edit; a crashed sweep continues where it stopped. The ``.pt`` state stays local
@@ -29,6 +34,7 @@ import json
 import math
 import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -41,9 +47,12 @@ sys.path.insert(0, str(ROOT))
 from lit_prune.data.formats import load_requests  # noqa: E402
 from lit_prune.editors.base import LowRankUpdate, apply_updates, check_updates  # noqa: E402
 from lit_prune.metrics.downstream import load_examples, new_task_metric, task_values, text_nll, update_task_metric  # noqa: E402
-from lit_prune.metrics.editing import score_requests  # noqa: E402
+from lit_prune.metrics.editing import request_case_values  # noqa: E402
 from lit_prune.models import load_model, load_texts  # noqa: E402
 from lit_prune.restraint import AccumulatedUpdate, condition_number, sigma_max  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from intervals import mean_interval, perplexity_interval, wilson  # noqa: E402
 
 DATA = Path(os.environ.get("LIT_PRUNE_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "reproduce"
@@ -54,6 +63,7 @@ TASK_FILES = {
     "nli": "test-NLI.tsv",
 }
 VIEWS = {"none": None, "deferred_e": math.e, "deferred_1.2": 1.2}
+PAPER_COUNTS = {"reasoning": 358, "summarization": 149, "qa": 261, "nli": 299}
 
 
 def make_editor(name: str, model, tok, args):
@@ -150,6 +160,43 @@ class Stream:
             p.copy_(self.acc[n].W0.to(p.device, p.dtype))
 
 
+def per_text_nll(model, tok, texts, max_length: int = 256) -> tuple[list[float], list[int]]:
+    """Σ −log p and the token count of each text (``text_nll`` one text at a time, for the bootstrap over texts)."""
+    sums, counts = [], []
+    for t in texts:
+        s_, c = text_nll(model, tok, [t], batch_size=1, max_length=max_length)
+        sums.append(s_)
+        counts.append(c)
+    return sums, counts
+
+
+def row(run: str, view: str, n: int, metric: str, value: float, ci=None, count: int | None = None) -> dict:
+    r = {"run": run, "view": view, "n": n, "metric": metric, "value": float(value)}
+    if ci is not None and not any(math.isnan(x) for x in ci):
+        r["lo"], r["hi"] = float(ci[0]), float(ci[1])
+    if count is not None:
+        r["count"] = int(count)
+    return r
+
+
+def score_rows(run: str, view: str, n: int, prefix: str, values: dict, with_ci: bool = True) -> list[dict]:
+    """Rows ``<prefix>/<key>`` from per-request values (``request_case_values``): mean and 95 % interval."""
+    out = []
+    for k, v in values.items():
+        m, lo, hi = mean_interval(v.tolist()) if with_ci else (float(v.mean()), math.nan, math.nan)
+        out.append(row(run, view, n, f"{prefix}/{k}", m, (lo, hi), len(v)))
+    return out
+
+
+def task_rows(run: str, view: str, n: int, task: str, metric, n_examples: int) -> list[dict]:
+    """Rows of one downstream task: its values; a Wilson interval for accuracies (every task but summarization)."""
+    out = []
+    for k, v in task_values(task, metric.compute()).items():
+        ci = wilson(float(v) * n_examples, n_examples) if task != "summarization" and 0 <= float(v) <= 1 else None
+        out.append(row(run, view, n, f"downstream/{k}", v, ci if k == task else None, n_examples))
+    return out
+
+
 class Evaluator:
     """What is measured at N edits, with the data it needs (requests, held-out texts, downstream examples)."""
 
@@ -157,9 +204,11 @@ class Evaluator:
         self.model, self.tok, self.requests, self.texts, self.tasks, self.args = model, tok, requests, texts, tasks, args
 
     def __call__(self, stream: Stream, views: dict, n: int, run: str) -> list[dict]:
-        """Rows {run, view, n, metric, value} for each view of ``stream`` at N = ``n`` edits.
+        """Rows {run, view, n, metric, value[, lo, hi, count]} for each view of ``stream`` at N = ``n`` edits.
 
         At N = 0 every view is the unedited model: it is evaluated once and its rows are repeated under each view.
+        ``immediate/*``: the request of edit ``n`` scored right after it (one value per edit; the report averages
+        them); ``retention/*``: all ``n`` requests re-scored; both with 95 % intervals over requests.
         """
         a = self.args
         do_ret = n > 0 and (n % a.eval_every == 0 or n == a.n)
@@ -168,23 +217,45 @@ class Evaluator:
         rows = []
         for view, alpha in list(views.items())[: 1 if n == 0 else None]:
             stream.show(alpha)
-            rec = {f"spectrum/{k}": v for k, v in stream.spectrum().items()}
+            rows += [row(run, view, n, f"spectrum/{k}", v) for k, v in stream.spectrum().items()]
+            if n > 0:
+                vals = request_case_values(self.model, self.tok, [self.requests[n - 1]], batch_size=a.batch_size)
+                rows += score_rows(run, view, n, "immediate", vals, with_ci=False)
             if do_ppl:
-                s, c = text_nll(self.model, self.tok, self.texts, batch_size=a.batch_size, max_length=256)
-                rec["downstream/perplexity"] = math.exp(s / c)
+                sums, counts = per_text_nll(self.model, self.tok, self.texts)
+                ppl, lo, hi = perplexity_interval(sums, counts)
+                rows.append(row(run, view, n, "downstream/perplexity", ppl, (lo, hi), len(sums)))
             if do_ret:
-                scores = score_requests(self.model, self.tok, self.requests[:n], batch_size=a.batch_size)
-                rec.update({f"retention/{k}": v for k, v in scores.items()})
+                vals = request_case_values(self.model, self.tok, self.requests[:n], batch_size=a.batch_size)
+                rows += score_rows(run, view, n, "retention", vals)
             if do_down:
                 for task, exs in self.tasks.items():
                     m = new_task_metric(task, sync_on_compute=False)
                     update_task_metric(m, task, self.model, self.tok, exs, batch_size=a.batch_size, max_length=1024)
-                    rec.update({f"downstream/{k}": v for k, v in task_values(task, m.compute()).items()})
-            rows += [{"run": run, "view": view, "n": n, "metric": k, "value": float(v)} for k, v in rec.items()]
+                    rows += task_rows(run, view, n, task, m, len(exs))
         stream.hide()
         if n == 0:
             rows += [{**r, "view": v} for v in list(views)[1:] for r in rows]
         return rows
+
+
+def ordered(requests: list, order: str) -> list:
+    """``paper``: the file's order; ``seed:K``: the same requests permuted with ``random.Random(K)``."""
+    if order == "paper":
+        return list(requests)
+    if not order.startswith("seed:") or not order[5:].isdigit():
+        raise SystemExit(f"--order must be 'paper' or 'seed:<integer>', got {order!r}")
+    out = list(requests)
+    random.Random(int(order[5:])).shuffle(out)
+    return out
+
+
+def load_tasks(n_examples: dict[str, int]) -> dict:
+    tasks = {}
+    for t, f in TASK_FILES.items():
+        if n_examples.get(t, 0) > 0 and (DATA / "downstream" / f).is_file():
+            tasks[t] = load_examples(t, DATA / "downstream" / f, n=n_examples[t])
+    return tasks
 
 
 def run(args) -> None:
@@ -194,14 +265,11 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = load_model(args.model, device=args.device)
-    requests = load_requests(Path(args.data), n=args.n)
+    requests = ordered(load_requests(Path(args.data), n=args.n), args.order)
     texts = load_texts("wiki-offline", n=args.ppl_texts, offset=len(load_texts("wiki-offline")) - args.ppl_texts)
-    tasks = {}
-    if args.downstream_n > 0:
-        for t, f in TASK_FILES.items():
-            if (DATA / "downstream" / f).is_file():
-                tasks[t] = load_examples(t, DATA / "downstream" / f, n=args.downstream_n)
+    tasks = load_tasks({t: args.downstream_n for t in TASK_FILES})
     editor = make_editor(args.editor, model, tok, args)
+    label = args.label or args.editor
     evaluate = Evaluator(model, tok, requests, texts, tasks, args)
     names = editor.edited_parameters(model)
     params = dict(model.named_parameters())
@@ -210,25 +278,29 @@ def run(args) -> None:
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
     setup.update({
         "model": args.model, "device": args.device, "torch": torch.__version__,
-        "data": f"the first N records of {Path(args.data).name} (CounterFact, EasyEdit format) in order, batch size 1; "
-                "N per run in the tables",
-        f"{args.editor} editor": f"{type(editor).__name__}, edited parameters {names}; " + (
+        "data": f"the first N records of {Path(args.data).name} (CounterFact, EasyEdit format), batch size 1; "
+                "N per run in the tables; the order per row below",
+        f"{label} editor": f"{type(editor).__name__}, edited parameters {names}; " + (
             f"hyper-parameters {editor.hparams(model)}" if hasattr(editor, "hparams")
-            else f"hypernetwork {args.mend_checkpoint or 'smollm2-135m (bundled: lit_prune/data/mend-smollm2-135m.pt)'}"),
-        f"{args.editor} τ = σ_max(W₀)": {n: round(t, 2) for n, t in tau.items()},
+            else f"hypernetwork {args.mend_checkpoint or 'smollm2-135m (bundled: lit_prune/data/mend-smollm2-135m.pt)'}")
+            + (f"; constructor arguments {args.editor_args}" if args.editor_args else ""),
+        f"{label} order": "the file's order (the paper's)" if args.order == "paper" else
+                          f"the same {args.n} records permuted with random.Random({args.order[5:]})",
+        f"{label} τ = σ_max(W₀)": {n: round(t, 2) for n, t in tau.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s) per "
                    "process (the editors' sweeps may run as parallel processes; time/* rows are wall-clock)",
-        "perplexity": f"{args.ppl_texts} last bundled wiki summaries (held out from the statistics), ≤256 tokens, every {args.ppl_every} edits",
-        "retention": f"every {args.eval_every} edits and at N",
-        "downstream": f"{args.downstream_n} examples per task at N in {args.downstream_at} (paper: 358/149/261/299)",
+        "perplexity": f"{args.ppl_texts} last bundled wiki summaries (held out from the statistics), ≤256 tokens, every "
+                      f"{args.ppl_every} edits; 95 % interval: bootstrap over texts",
+        "retention": f"every {args.eval_every} edits and at N; immediate: each edit's request right after it; 95 % "
+                     "intervals: Wilson for rates of 0/1 values, bootstrap over requests otherwise",
         "seed": args.seed,
     })
     setup_file.write_text(json.dumps(setup, indent=1))
     runs = {"stream": (None, VIEWS), "online": (math.e, {"online_e": None})}
     for run_name in args.runs:
         online_alpha, views = runs[run_name]
-        tag = f"{args.editor}/{run_name}"
-        ckpt, rows_file = out / f"{args.editor}_{run_name}.pt", out / f"{args.editor}_{run_name}.jsonl"
+        tag = f"{label}/{run_name}"
+        ckpt, rows_file = out / f"{label}_{run_name}.pt", out / f"{label}_{run_name}.jsonl"
         stream = Stream(model, names, online_alpha, tau)
         start = 0
         if ckpt.is_file():
@@ -240,7 +312,7 @@ def run(args) -> None:
             rows_file.write_text("")
         if start == 0:
             rows = []
-            stream_rows = out / f"{args.editor}_stream.jsonl"
+            stream_rows = out / f"{label}_stream.jsonl"
             if run_name == "online" and stream_rows.is_file():  # N = 0 is the unedited model, already evaluated
                 for line in stream_rows.read_text().splitlines():
                     r = json.loads(line)
@@ -265,10 +337,58 @@ def run(args) -> None:
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             torch.save({**stream.state(), "next": i + 1}, ckpt)
+            if i + 1 in args.snapshot_at:  # for the downstream pass (``reproduce.py downstream``)
+                torch.save({**stream.state(), "next": i + 1}, out / f"{label}_{run_name}_n{i + 1}.pt")
             done, left = i + 1 - start, args.n - i - 1
             eta = (time.time() - t0) / done * left
             print(f"[{tag}] edit {i + 1}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
         stream.reset()  # back to the unedited model for the next run
+
+
+def downstream(args) -> None:
+    """The paper's four tasks on the snapshots of finished runs (``<label>_<run>_n<N>.pt``) and on the unedited model
+    (N = 0), every view, resumable: rows go to ``<label>_<run>_downstream.jsonl``; a (view, N) already there is
+    skipped."""
+    out = Path(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device=args.device)
+    counts = dict(PAPER_COUNTS) if args.examples == "paper" else {t: int(args.examples) for t in TASK_FILES}
+    tasks = load_tasks(counts)
+    if not tasks:
+        raise SystemExit(f"no downstream test sets under {DATA / 'downstream'}")
+    runs = {"stream": VIEWS, "online": {"online_e": None}}
+    for run_name in args.runs:
+        tag, rows_file = f"{args.label}/{run_name}", out / f"{args.label}_{run_name}_downstream.jsonl"
+        done = {(r["view"], r["n"]) for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else set()
+        for n in args.at:
+            snap = out / f"{args.label}_{run_name}_n{n}.pt"
+            if n > 0 and not snap.is_file():
+                print(f"[{tag}] no snapshot at N = {n} ({snap.name}); run `reproduce.py run` to N first")
+                continue
+            state = torch.load(snap, weights_only=False) if n > 0 else None
+            names = list(state["matrices"]) if state else []
+            stream = Stream(model, names, None, {k: v["tau"] for k, v in state["matrices"].items()} if state else {})
+            if state:
+                stream.load(state)
+            views = list(runs[run_name].items())
+            for view, alpha in (views if n > 0 else views[:1]):  # N = 0: the unedited model, once
+                if (view, n) in done:
+                    continue
+                t0 = time.time()
+                stream.show(alpha)
+                rows = []
+                for task, exs in tasks.items():
+                    m = new_task_metric(task, sync_on_compute=False)
+                    update_task_metric(m, task, model, tok, exs, batch_size=args.batch_size, max_length=1024)
+                    rows += task_rows(tag, view, n, task, m, len(exs))
+                stream.hide()
+                if n == 0:
+                    rows += [{**r, "view": v} for v, _ in views[1:] for r in rows]
+                with rows_file.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                print(f"[{tag}] downstream at N = {n}, {view}: {time.time() - t0:.0f} s", flush=True)
+            stream.reset()
 
 
 def main() -> None:
@@ -279,6 +399,8 @@ def main() -> None:
     r.add_argument("--mend-checkpoint", default=None)
     r.add_argument("--editor-args", type=json.loads, default={},
                    help='editor constructor arguments as JSON, e.g. \'{"mom2_update_weight": 5000}\'')
+    r.add_argument("--label", default=None, help="the row's name in files and tables (default: the editor's)")
+    r.add_argument("--order", default="paper", help="'paper' (the file's order) or 'seed:K' (the same records permuted)")
     r.add_argument("--runs", nargs="+", default=["stream", "online"], choices=["stream", "online"])
     r.add_argument("--n", type=int, default=200)
     r.add_argument("--model", default="smollm2-135m")
@@ -287,19 +409,35 @@ def main() -> None:
     # evaluation schedule sized for 2 CPU cores (one ROME edit is ~10 s there; see docs/results.md)
     r.add_argument("--eval-every", type=int, default=50)
     r.add_argument("--ppl-every", type=int, default=25)
-    r.add_argument("--ppl-texts", type=int, default=20)
-    r.add_argument("--downstream-at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200])
-    r.add_argument("--downstream-n", type=int, default=20)
+    r.add_argument("--ppl-texts", type=int, default=100)
+    r.add_argument("--downstream-at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200],
+                   help="N at which the run itself evaluates the tasks when --downstream-n > 0")
+    r.add_argument("--downstream-n", type=int, default=0,
+                   help="examples per task evaluated during the run (0: none; use the downstream pass instead)")
+    r.add_argument("--snapshot-at", type=lambda s: [int(x) for x in s.split(",")], default=[100, 200],
+                   help="N at which the state is kept for `reproduce.py downstream`")
     r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default=str(DEFAULT_OUT))
+    d = sub.add_parser("downstream", help="the four tasks on the snapshots of a run (resumable)")
+    d.add_argument("--label", required=True)
+    d.add_argument("--runs", nargs="+", default=["stream", "online"], choices=["stream", "online"])
+    d.add_argument("--at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200])
+    d.add_argument("--examples", default="paper", help="'paper' (358/149/261/299) or a number per task")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--out", default=str(DEFAULT_OUT))
     rep = sub.add_parser("report")
     rep.add_argument("--out", default=str(DEFAULT_OUT))
     rep.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args()
     if args.cmd == "run":
         run(args)
+    elif args.cmd == "downstream":
+        downstream(args)
     else:
         from report_reproduce import report
 

@@ -121,3 +121,25 @@ def test_request_coerce_errors():
         EditRequest.coerce({**OWN_REC, "objet": 1}, "request 0")
     r = EditRequest.coerce({"prompt": "{} plays", "subject": "Messi", "target_new": "tennis"})
     assert r.full_prompt == "Messi plays" and r.target_true is None
+
+
+def test_zsre_records_that_cannot_be_edited_are_refused_or_skipped(data_dir):
+    """Some records of the ZsRE sample have alt == answers[0] or an empty alt: refused by default (naming the first
+    and the option), left out with skip_invalid, n_edits then counting the records kept."""
+    import json
+
+    from lit_prune import EditDataModule
+    from lit_prune.requests import EditRequestError
+
+    path = data_dir / "zsre" / "zsre-1k.json"
+    raw = json.loads(path.read_text())
+    bad = [i for i, r in enumerate(raw) if not r["alt"].strip() or r["alt"].strip() == r["answers"][0].strip()]
+    assert bad  # the sample really has such records
+    with pytest.raises(EditRequestError, match=rf"record {bad[0]}\b.*--data.skip_invalid true"):
+        EditDataModule(path=str(path), n_edits=bad[0] + 1)
+    with pytest.warns(UserWarning, match=rf"skipped {len(bad)} record\(s\).*records \[{bad[0]}, "):
+        dm = EditDataModule(path=str(path), skip_invalid=True)
+    assert len(dm.requests) == len(raw) - len(bad)
+    assert not {r.case_id for r in dm.requests} & set(bad)
+    dm = EditDataModule(path=str(path), skip_invalid=True, n_edits=bad[0] + 1)
+    assert len(dm.requests) == bad[0] + 1 and dm.requests[-1].case_id == bad[0] + 1  # the next record took its place

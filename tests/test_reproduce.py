@@ -169,3 +169,53 @@ def _loaded(model_dir):
     from lit_prune.models import load_model
 
     return load_model(str(model_dir))[0]
+
+
+def test_intervals_against_known_values():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from intervals import bootstrap, mean_interval, perplexity_interval, wilson
+
+    lo, hi = wilson(5, 20)  # the textbook Wilson score interval of 5/20
+    assert (round(lo, 4), round(hi, 4)) == (0.1119, 0.4687)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+    m, lo, hi = mean_interval([1, 0, 1, 1])
+    assert m == 0.75 and (lo, hi) == wilson(3, 4)
+    v = np.random.default_rng(3).normal(size=200)
+    a, b = bootstrap(v)
+    assert a < v.mean() < b and bootstrap(v) == (a, b)  # seeded: the same interval every time
+    se = v.std(ddof=1) / math.sqrt(len(v))
+    assert abs((b - a) - 2 * 1.96 * se) < 0.3 * 2 * 1.96 * se  # about the normal-theory width
+    ppl, lo, hi = perplexity_interval([10.0, 20.0, 30.0], [5, 10, 15])
+    assert ppl == pytest.approx(math.exp(2.0)) and lo == pytest.approx(ppl) == hi  # every text has NLL/token 2
+
+
+def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, driver, data_dir):
+    out = tmp_path / "out"
+    common = ["--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 2, "--ppl-every", 2,
+              "--ppl-texts", 3, "--threads", 1, "--n", 2, "--out", out, "--snapshot-at", 2]
+    driver("run", *common)
+    driver("run", *common, "--label", "ft_seed1", "--order", "seed:1", "--runs", "stream")
+    paper, seeded = rows_of(out / "ft_stream.jsonl"), rows_of(out / "ft_seed1_stream.jsonl")
+    assert {r["run"] for r in seeded} == {"ft_seed1/stream"}
+    setup = json.loads((out / "setup.json").read_text())
+    assert "random.Random(1)" in setup["ft_seed1 order"] and "paper" in setup["ft order"]
+    # immediate rows: one per edit and view, the request of that edit (the orders differ, so do they)
+    imm = [r for r in paper if r["metric"] == "immediate/efficacy" and r["view"] == "none"]
+    assert [r["n"] for r in imm] == [1, 2] and all(r["value"] in (0.0, 1.0) for r in imm)
+    # retention and perplexity carry 95 % intervals around their value
+    for metric in ("retention/efficacy", "retention/locality", "downstream/perplexity"):
+        r = next(r for r in paper if r["metric"] == metric and r["n"] == 2 and r["view"] == "none")
+        assert r["lo"] <= r["value"] <= r["hi"] and r["count"] > 0, metric
+    assert (out / "ft_stream_n2.pt").is_file() and (out / "ft_online_n2.pt").is_file()
+    # the downstream pass on the snapshots: two examples per task, every view, resumable
+    driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
+           "--out", out)
+    down = rows_of(out / "ft_stream_downstream.jsonl")
+    assert {(r["view"], r["n"]) for r in down} == {(v, n) for v in ("none", "deferred_e", "deferred_1.2") for n in (0, 2)}
+    nli = next(r for r in down if r["metric"] == "downstream/nli" and r["n"] == 2 and r["view"] == "none")
+    assert nli["count"] == 2 and (nli["lo"], nli["hi"]) == pytest.approx(
+        __import__("intervals").wilson(nli["value"] * 2, 2))
+    before = (out / "ft_stream_downstream.jsonl").read_text()
+    driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
+           "--out", out, "--runs", "stream")
+    assert (out / "ft_stream_downstream.jsonl").read_text() == before  # nothing evaluated twice

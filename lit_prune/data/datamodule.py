@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import ConfigError
@@ -49,6 +50,10 @@ class EditDataModule(L.LightningDataModule):
         batch_size: edit requests per training step (1 = the paper's one-fact-at-a-time editing).
         shuffle: shuffle the records once with ``seed`` (deterministic and identical on every rank).
         split: dataset split for hub ids.
+        skip_invalid: leave out the records that cannot be edited (an empty field, ``target_new`` equal to
+            ``target_true``: 18 of the 1,000 records of the usual ZsRE sample), with a warning naming them and the
+            first reason, instead of refusing the file; ``n_edits`` then counts the records kept. Default False:
+            the first such record is an error naming it.
 
     The records are read and validated in the constructor, so a malformed file fails before any model is loaded.
     On resume (or a second ``fit`` of the same module) the stream restarts at the first edit not yet applied:
@@ -64,6 +69,7 @@ class EditDataModule(L.LightningDataModule):
         shuffle: bool = False,
         seed: int = 0,
         split: str = "train",
+        skip_invalid: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -76,6 +82,7 @@ class EditDataModule(L.LightningDataModule):
             raise EditRequestError(f"EditDataModule: unknown format '{format}'; known formats: {', '.join(FORMATS)}")
         self.path, self.format, self.n_edits = path, format, n_edits
         self.batch_size, self.shuffle, self.seed, self.split = batch_size, shuffle, seed, split
+        self.skip_invalid = bool(skip_invalid)
         self.requests = self._load()
 
     def _load(self) -> list[EditRequest]:
@@ -99,14 +106,33 @@ class EditDataModule(L.LightningDataModule):
         order = list(range(len(records)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
+        if self.skip_invalid:
+            skipped: list[tuple[int, str]] = []
+            reqs = records_to_requests([records[i] for i in order], self.format, source=source, indices=order,
+                                       lines=lines, skipped=skipped)
+            if skipped:
+                ids = [i for i, _ in skipped]
+                rank_zero_warn(f"EditDataModule: skipped {len(skipped)} record(s) of {source} that cannot be edited "
+                               f"(records {ids[:10]}{' ...' if len(ids) > 10 else ''}); the first: {skipped[0][1]}")
+            if self.n_edits is not None:
+                if self.n_edits > len(reqs):
+                    raise EditRequestError(f"n_edits={self.n_edits} but {source} has only {len(reqs)} records to "
+                                           f"edit ({len(skipped)} skipped)")
+                reqs = reqs[: self.n_edits]
+            return reqs
         if self.n_edits is not None:
             if self.n_edits > len(records):
                 raise EditRequestError(f"n_edits={self.n_edits} but {source} has only {len(records)} records")
             order = order[: self.n_edits]
         # validated with the original record indices so messages point into the file
-        return records_to_requests(
-            [records[i] for i in order], self.format, source=source, indices=order, lines=lines
-        )
+        try:
+            return records_to_requests(
+                [records[i] for i in order], self.format, source=source, indices=order, lines=lines
+            )
+        except EditRequestError as e:
+            if "cannot tell the format" in str(e) or "unknown data format" in str(e):
+                raise  # the file's format, not one record
+            raise EditRequestError(f"{e} (--data.skip_invalid true leaves such records out)") from None
 
     @property
     def num_batches(self) -> int:

@@ -127,9 +127,12 @@ def records_to_requests(
     source: str = "data",
     indices: list[int] | None = None,
     lines: list[int] | None = None,
+    skipped: list[tuple[int, str]] | None = None,
 ) -> list[EditRequest]:
     """Convert and validate records; errors name ``source``, the record index (``indices[i]`` if given), the line
-    of a JSON Lines file (``lines[indices[i]]`` if given) and the field."""
+    of a JSON Lines file (``lines[indices[i]]`` if given) and the field. ``skipped`` given: a record that cannot be
+    edited (a missing or empty field, ``target_new`` equal to ``target_true``, ...) is left out and
+    ``(index, message)`` appended to it instead of raising."""
     if fmt is not None and fmt not in CONVERTERS:
         raise EditRequestError(f"{source}: unknown data format '{fmt}'; known formats: {', '.join(FORMATS)}")
 
@@ -144,16 +147,25 @@ def records_to_requests(
     for j, rec in enumerate(records):
         i = indices[j] if indices is not None else j
         where = where_of(j)
-        if not isinstance(rec, Mapping):
-            raise EditRequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        req = CONVERTERS[fmt or detect_format(rec, where)](rec, where)
-        if req.case_id is None:
-            req.case_id = i
-        req.validate(where)
-        if req.subject not in req.full_prompt:
-            raise EditRequestError(f"{where}: subject {req.subject!r} not found in field 'prompt'")
-        out.append(req)
+        try:
+            out.append(_to_request(rec, fmt, i, where))
+        except EditRequestError as e:
+            if skipped is None:
+                raise
+            skipped.append((i, str(e)))
     return out
+
+
+def _to_request(rec: Any, fmt: str | None, i: int, where: str) -> EditRequest:
+    if not isinstance(rec, Mapping):
+        raise EditRequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    req = CONVERTERS[fmt or detect_format(rec, where)](rec, where)
+    if req.case_id is None:
+        req.case_id = i
+    req.validate(where)
+    if req.subject not in req.full_prompt:
+        raise EditRequestError(f"{where}: subject {req.subject!r} not found in field 'prompt'")
+    return req
 
 
 def read_records_with_lines(path: str | Path) -> tuple[list[Any], list[int] | None]:
