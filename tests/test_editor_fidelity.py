@@ -174,3 +174,15 @@ def test_run_config_records_the_key_mode(config, key_mode, capsys):
         main(["--config", str(ROOT / "configs" / config), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["editor"]["init_args"]["key_mode"] == key_mode
+
+
+def test_memit_lambda_follows_the_key_dimension(tiny_model):
+    """The embedded preset's λ (chosen by benchmarks/bench_memit_lambda.py) ≈ its d_k; a model without a preset gets
+    the same d_k/λ."""
+    model, _ = tiny_model
+    assert presets.HPARAMS["smollm2-135m"]["memit"]["mom2_update_weight"] == 1500.0
+    d_k = model.config.intermediate_size if model.config.model_type == "llama" else 4 * model.config.n_embd
+    assert presets.mlp_dim(model) == d_k
+    with pytest.warns(UserWarning, match="no hyper-parameter preset"):
+        lam = MEMIT().hparams(model)["mom2_update_weight"]
+    assert lam == pytest.approx(1500.0 * d_k / 1536)

@@ -12,6 +12,24 @@ the key ``k`` and its output the value ``v`` (spec §3):
 Hyper-parameter presets (``HPARAMS``) hold the papers' values for gpt2-xl, llama-2-7b and llama-3-8b and values chosen
 for the embedded SmolLM2-135M from ``benchmarks/layer_sweep.py`` (results in ``benchmarks/results/layer_sweep.md``)
 and ``benchmarks/bench_editors.py`` (``results/editors.md``). Models without a preset get :func:`generic_hparams`.
+
+**ROME's key choice** (``key_mode``) is not a per-model preset: :class:`~lit_prune.editors.ROME` uses
+``"averaged"`` (r-ROME: the template-averaged key k̄ in u, residual and denominator) for every model, the embedded
+one included, because it writes v* at the key it was solved for (no 1/ρ overshoot); ``"original"`` (the bare
+prompt's key k₀ in residual and denominator, the paper's editor) overshoots by 1/ρ, ρ = uᵀk₀/uᵀk̄, on prompts
+whose subject comes first (``benchmarks/results/single_edit.md``). The paper configs (``configs/gpt2xl_*``,
+``configs/llama3_8b_*``) pass ``key_mode: original``.
+
+**MEMIT's λ** (``mom2_update_weight``) must be set for the model's key dimension d_k (the MLP width), not taken
+from another model. C is a MEAN second moment, so λ trades against d_k, not against the number of statistics
+texts: for one request at one layer, Δ k̄ = R · s/(1+s) with s = k̄ᵀC⁻¹k̄ / λ, and a typical key of the
+statistics' text has E[kᵀC⁻¹k] = d_k, so s ≈ d_k/λ (the edited subjects' keys are outliers: 2-2.5 × d_k on
+SmolLM2). Each layer writes about s/(1+s) of its share R/(L − i); what is left is passed to the next layer. The
+papers' values sit at d_k/λ = 0.32 (GPT-2 XL, 6400/20000), 0.73 (Llama-2-7B, 11008/15000), 0.96 (Llama-3-8B,
+14336/15000) and are kept for those models. The SmolLM2 preset had borrowed 15000 (d_k/λ = 0.10), which writes
+28 % of the target on single edits; ``benchmarks/bench_memit_lambda.py`` (``results/memit_lambda.md``) swept
+λ = 15000 … 500 on 20 CounterFact edits and the preset takes λ = 1500 (d_k/λ ≈ 1). For another model start at
+λ ≈ d_k and measure with that script; :func:`generic_hparams` scales λ that way.
 """
 
 from __future__ import annotations
@@ -107,13 +125,18 @@ _SMOLLM2_135M = {
     # benchmarks/bench_editors.py (results/editors.md).
     "rome": dict(layers=[4], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4.0,
                  kl_factor=0.0625, mom2_n_samples=3000),
+    # MEMIT's λ from benchmarks/bench_memit_lambda.py (results/memit_lambda.md): 1500 ≈ d_k = 1536 writes 75 % of
+    # the target per single edit (15000, borrowed from Llama-2-7B, wrote 28 %: efficacy 55 → 95, generalization
+    # 50 → 85, locality and held-out perplexity unchanged); below it the write grows little while σ_max(ΔW) grows.
+    # ROME uses key_mode="averaged" (the ROME default, not a preset): see the module docstring.
     "memit": dict(layers=[2, 3, 4, 5, 6], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=0.75,
-                  kl_factor=0.0625, mom2_update_weight=15000.0, mom2_n_samples=3000),
+                  kl_factor=0.0625, mom2_update_weight=1500.0, mom2_n_samples=3000),
     "ft": dict(layers=[4], num_steps=25, lr=5e-4, norm_constraint=5e-4),
 }
 HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "smollm2-135m": _SMOLLM2_135M,
-    # ROME / MEMIT papers (kmeng01/rome, kmeng01/memit hparams) and the PRUNE paper (spec §3).
+    # ROME / MEMIT papers (kmeng01/rome, kmeng01/memit hparams) and the PRUNE paper (spec §3); MEMIT's λ is the
+    # papers' (d_k/λ 0.32, 0.73, 0.96). The paper's ROME keys come from the configs (key_mode: original).
     "gpt2-xl": {
         "rome": dict(layers=[17], v_loss_layer=47, v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5,
                      clamp_norm_factor=4.0, kl_factor=0.0625, mom2_n_samples=100000,
@@ -182,13 +205,30 @@ def _num_layers(model: nn.Module) -> int:
         return 0
 
 
+_SMOLLM2_MLP_DIM = 1536
+
+
+def mlp_dim(model: nn.Module) -> int | None:
+    """The key dimension d_k of the edited MLP output projection from the model's config (None if it does not say)."""
+    cfg = getattr(model, "config", None)
+    for key in ("intermediate_size", "n_inner", "ffn_dim"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    hidden = getattr(cfg, "n_embd", None)
+    return 4 * int(hidden) if getattr(cfg, "model_type", None) in ("gpt2", "gptj") and hidden else None
+
+
 def generic_hparams(model: nn.Module, method: str) -> dict[str, Any]:
-    """Hyper-parameters for a model without a preset: the embedded model's values with layers scaled by depth."""
+    """Hyper-parameters for a model without a preset: the embedded model's values with layers scaled by depth and
+    MEMIT's λ scaled by the key dimension (the same d_k/λ as the embedded preset; see the module docstring)."""
     n = default_num_layers(model)
     base = {k: (list(v) if isinstance(v, list) else v) for k, v in _SMOLLM2_135M[method].items()}
     rome_layer = min(n - 1, max(0, round(base["layers"][0] * n / 30)))
     if method == "memit":
         base["layers"] = sorted({min(n - 1, max(0, rome_layer - 2 + i)) for i in range(5)})
+        d_k = mlp_dim(model)
+        if d_k:
+            base["mom2_update_weight"] = base["mom2_update_weight"] * d_k / _SMOLLM2_MLP_DIM
     else:
         base["layers"] = [rome_layer]
     return base
