@@ -17,13 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from intervals import mean_interval  # noqa: E402
 
 LABELS = {"none": "no restraint", "deferred_e": "PRUNE deferred α=e", "deferred_1.2": "PRUNE deferred α=1.2",
-          "online_e": "PRUNE online α=e"}
+          "online_e": "PRUNE online α=e", "deferred_rect": "RECT deferred k=0.4", "rect_online": "RECT online k=0.4",
+          "rect_prune_online": "RECT + PRUNE online"}
 EDIT_COLUMNS = [("efficacy", "Efficacy"), ("generalization", "Generalization"), ("locality", "Locality")]
 TASKS = [("downstream/reasoning", "Reasoning"), ("downstream/summarization", "Summarization"),
          ("downstream/qa", "QA"), ("downstream/nli", "NLI")]
 EXTRA = [("downstream/nli_likelihood", "NLI likelihood"), ("downstream/qa_gold_nll", "QA gold NLL")]
 CHANCE = {"downstream/nli": 0.5}
-EDITORS = ("rome", "memit", "mend", "ft")
+EDITORS = ("rome", "memit", "mend", "ft", "alphaedit")
 
 
 def load_rows(out: Path) -> list[dict]:

@@ -63,19 +63,27 @@ TASK_FILES = {
     "nli": "test-NLI.tsv",
 }
 VIEWS = {"none": None, "deferred_e": math.e, "deferred_1.2": 1.2}
+# A restraint: ("prune", α) or ("rect", fraction); a view: None (unrestrained), a restraint, or a float α (PRUNE).
+RECT_VIEW = {"deferred_rect": ("rect", 0.4)}
+RUNS = {  # run -> (restraints committed after every edit, in order; the views evaluated)
+    "stream": ([], VIEWS),
+    "online": ([("prune", math.e)], {"online_e": None}),
+    "rect_online": ([("rect", 0.4)], {"rect_online": None}),
+    "rect_prune_online": ([("rect", 0.4), ("prune", math.e)], {"rect_prune_online": None}),
+}
 PAPER_COUNTS = {"reasoning": 358, "summarization": 149, "qa": 261, "nli": 299}
 
 
 def make_editor(name: str, model, tok, args):
     from lit_prune import editors
 
-    cls = {"rome": editors.ROME, "memit": editors.MEMIT, "ft": editors.FT}.get(name)
+    cls = {"rome": editors.ROME, "memit": editors.MEMIT, "alphaedit": editors.AlphaEdit, "ft": editors.FT}.get(name)
     if name == "mend":
         from lit_prune.editors.mend import MEND
 
         return MEND(args.mend_checkpoint or "smollm2-135m")
     if cls is None:
-        raise SystemExit(f"unknown editor '{name}' (rome, memit, ft, mend)")
+        raise SystemExit(f"unknown editor '{name}' (rome, memit, alphaedit, ft, mend)")
     return cls.for_model(model, tok, **args.editor_args)
 
 
@@ -84,13 +92,16 @@ class Stream:
     per edited parameter (W₀, τ, ΔW as factors), used exactly as ``PruneCallback`` uses it.
 
     :meth:`add` writes each update into the weights (``apply_updates``, as ``SequentialEditingModule`` does) and adds it
-    to ΔW; with ``online_alpha`` it then commits W₀ + F(ΔW) (``PruneCallback(mode="online")``). :meth:`show` writes a
-    deferred view W₀ + F_α(ΔW) (``PruneCallback(mode="deferred")``) and :meth:`hide` puts the unrestrained weights back.
+    to ΔW; then each of ``online`` (``("prune", α)``: W₀ + F(ΔW), ``PruneCallback(mode="online")``; ``("rect", k)``:
+    W₀ + ΔW ⊙ M, ``RectCallback(mode="online")``) is committed in order, as the callbacks listed in that order do.
+    :meth:`show` writes a deferred view (``mode="deferred"``) and :meth:`hide` puts the unrestrained weights back.
     ``tau``: τ = σ_max(W₀) per edited parameter (computed once per sweep by the caller).
     """
 
-    def __init__(self, model, names: list[str], online_alpha: float | None, tau: dict[str, float]):
-        self.model, self.names, self.online_alpha = model, names, online_alpha
+    def __init__(self, model, names: list[str], online: list | float | None, tau: dict[str, float]):
+        if online is None or isinstance(online, (int, float)):
+            online = [] if online is None else [("prune", float(online))]
+        self.model, self.names, self.online = model, names, list(online)
         params = dict(model.named_parameters())
         self.params = {n: params[n] for n in names}
         self.acc = {n: AccumulatedUpdate(p.detach(), tau=tau[n]) for n, p in self.params.items()}
@@ -102,25 +113,37 @@ class Stream:
         for n, u in updates.items():
             self.acc[n].add(u.A, u.B)
         for n in self.names:
-            if self.online_alpha is not None:
-                res = self.acc[n].write_restrained(self.params[n].data, self.online_alpha, commit=True)
-                self.sigma[n] = float(res.values.max()) if res is not None else 0.0
-            else:
-                svd = self.acc[n].svd()
-                self.sigma[n] = float(svd.sigma[0]) if svd is not None else 0.0
+            for restraint in self.online:
+                self._write(n, restraint, commit=True)
+            svd = self.acc[n].svd()  # of the (restrained, when online) accumulated update
+            self.sigma[n] = float(svd.sigma[0]) if svd is not None else 0.0
+
+    def _write(self, n: str, restraint, commit: bool, keep=None):
+        """One restraint of ``n`` written into the weights; returns the restraint's result."""
+        kind, value = ("prune", restraint) if isinstance(restraint, (int, float)) else restraint
+        p = self.params[n].data
+        if kind == "prune":
+            return self.acc[n].write_restrained(p, value, commit=commit, keep=keep)
+        return self.acc[n].write_sparsified(p, value, commit=commit, keep=keep)
 
     @torch.no_grad()
-    def show(self, alpha: float | None) -> None:
-        """Write the view W₀ + F_α(ΔW) (``alpha`` None: leave W₀ + ΔW); :meth:`hide` undoes it."""
+    def show(self, view) -> None:
+        """Write a deferred view: a PRUNE α (W₀ + F_α(ΔW)), a restraint tuple, or None (leave W₀ + ΔW); :meth:`hide`
+        undoes it."""
         self.hide()
         for n, p in self.params.items():
-            if alpha is None:
+            if view is None:
                 svd = self.acc[n].svd()
                 self.sigma[n] = float(svd.sigma[0]) if svd is not None else 0.0
                 continue
             keep = torch.empty_like(p)
-            res = self.acc[n].write_restrained(p.data, alpha, keep=keep)
-            self.sigma[n] = float(res.values.max()) if res is not None else 0.0
+            res = self._write(n, view, commit=False, keep=keep)
+            if res is None:
+                self.sigma[n] = 0.0
+            elif hasattr(res, "values"):  # PRUNE: F is monotone, so σ_max of the view is F(σ̂₁)
+                self.sigma[n] = float(res.values.max())
+            else:
+                self.sigma[n] = sigma_max(p.detach() - self.acc[n].W0.to(p.device, p.dtype))
             if res is not None and res.changed:
                 self.kept[n] = keep
 
@@ -203,7 +226,7 @@ class Evaluator:
     def __init__(self, model, tok, requests, texts, tasks: dict, args) -> None:
         self.model, self.tok, self.requests, self.texts, self.tasks, self.args = model, tok, requests, texts, tasks, args
 
-    def __call__(self, stream: Stream, views: dict, n: int, run: str) -> list[dict]:
+    def __call__(self, stream: Stream, views: dict, n: int, run: str, batch: int = 1) -> list[dict]:
         """Rows {run, view, n, metric, value[, lo, hi, count]} for each view of ``stream`` at N = ``n`` edits.
 
         At N = 0 every view is the unedited model: it is evaluated once and its rows are repeated under each view.
@@ -218,9 +241,9 @@ class Evaluator:
         for view, alpha in list(views.items())[: 1 if n == 0 else None]:
             stream.show(alpha)
             rows += [row(run, view, n, f"spectrum/{k}", v) for k, v in stream.spectrum().items()]
-            if n > 0:
-                vals = request_case_values(self.model, self.tok, [self.requests[n - 1]], batch_size=a.batch_size)
-                rows += score_rows(run, view, n, "immediate", vals, with_ci=False)
+            for j in range(max(0, n - batch), n) if n > 0 else ():  # each request of the batch just edited
+                vals = request_case_values(self.model, self.tok, [self.requests[j]], batch_size=a.batch_size)
+                rows += score_rows(run, view, j + 1, "immediate", vals, with_ci=False)
             if do_ppl:
                 sums, counts = per_text_nll(self.model, self.tok, self.texts)
                 ppl, lo, hi = perplexity_interval(sums, counts)
@@ -296,12 +319,13 @@ def run(args) -> None:
         "seed": args.seed,
     })
     setup_file.write_text(json.dumps(setup, indent=1))
-    runs = {"stream": (None, VIEWS), "online": (math.e, {"online_e": None})}
     for run_name in args.runs:
-        online_alpha, views = runs[run_name]
+        online, views = RUNS[run_name]
+        if run_name == "stream" and args.rect_view:
+            views = {**views, **RECT_VIEW}
         tag = f"{label}/{run_name}"
         ckpt, rows_file = out / f"{label}_{run_name}.pt", out / f"{label}_{run_name}.jsonl"
-        stream = Stream(model, names, online_alpha, tau)
+        stream = Stream(model, names, online, tau)
         start = 0
         if ckpt.is_file():
             st = torch.load(ckpt, weights_only=False)
@@ -313,35 +337,40 @@ def run(args) -> None:
         if start == 0:
             rows = []
             stream_rows = out / f"{label}_stream.jsonl"
-            if run_name == "online" and stream_rows.is_file():  # N = 0 is the unedited model, already evaluated
+            if run_name != "stream" and stream_rows.is_file():  # N = 0 is the unedited model, already evaluated
                 for line in stream_rows.read_text().splitlines():
                     r = json.loads(line)
                     if r["n"] == 0 and r["view"] == "none":
-                        rows.append({**r, "run": tag, "view": "online_e"})
+                        rows.append({**r, "run": tag, "view": next(iter(views))})
             if not rows:
                 rows = evaluate(stream, views, 0, tag)
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         t_edit, t0 = [], time.time()
-        for i in range(start, args.n):
+        if hasattr(editor, "load_state_dict"):  # AlphaEdit: the keys of the batches edited so far
+            editor.load_state_dict(torch.load(ckpt, weights_only=False).get("editor", {}) if start else {})
+        B = args.edit_batch
+        for i in range(start, args.n, B):
+            batch = requests[i : i + B]
             t = time.perf_counter()
-            updates = editor.compute(model, tok, [requests[i]])
+            updates = editor.compute(model, tok, batch)
             updates = {k: LowRankUpdate(u.A.detach().float().cpu(), u.B.detach().float().cpu()) for k, u in updates.items()}
-            check_updates(model, updates, where=f"edit {i} (case_id {requests[i].case_id})")
+            check_updates(model, updates, where=f"edits {i}..{i + len(batch) - 1} (case_ids {[r.case_id for r in batch]})")
             t_r = time.perf_counter()
             stream.add(updates)
-            t_edit.append(time.perf_counter() - t)
-            rows = [{"run": tag, "view": "-", "n": i + 1, "metric": "time/edit_s", "value": t_r - t},
-                    {"run": tag, "view": "-", "n": i + 1, "metric": "time/restraint_s", "value": time.perf_counter() - t_r}]
-            rows += evaluate(stream, views, i + 1, tag)
+            t_edit.append((time.perf_counter() - t) / len(batch))
+            n = i + len(batch)
+            rows = [{"run": tag, "view": "-", "n": n, "metric": "time/edit_s", "value": (t_r - t) / len(batch)},
+                    {"run": tag, "view": "-", "n": n, "metric": "time/restraint_s", "value": time.perf_counter() - t_r}]
+            rows += evaluate(stream, views, n, tag, batch=len(batch))
             with rows_file.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-            torch.save({**stream.state(), "next": i + 1}, ckpt)
-            if i + 1 in args.snapshot_at:  # for the downstream pass (``reproduce.py downstream``)
-                torch.save({**stream.state(), "next": i + 1}, out / f"{label}_{run_name}_n{i + 1}.pt")
-            done, left = i + 1 - start, args.n - i - 1
-            eta = (time.time() - t0) / done * left
-            print(f"[{tag}] edit {i + 1}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
+            state = {**stream.state(), "next": n, "editor": editor.state_dict()}
+            torch.save(state, ckpt)
+            if n in args.snapshot_at:  # for the downstream pass (``reproduce.py downstream``)
+                torch.save(state, out / f"{label}_{run_name}_n{n}.pt")
+            eta = (time.time() - t0) / (n - start) * (args.n - n)
+            print(f"[{tag}] edit {n}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
         stream.reset()  # back to the unedited model for the next run
 
 
@@ -357,7 +386,7 @@ def downstream(args) -> None:
     tasks = load_tasks(counts)
     if not tasks:
         raise SystemExit(f"no downstream test sets under {DATA / 'downstream'}")
-    runs = {"stream": VIEWS, "online": {"online_e": None}}
+    runs = {name: views for name, (_, views) in RUNS.items()}
     for run_name in args.runs:
         tag, rows_file = f"{args.label}/{run_name}", out / f"{args.label}_{run_name}_downstream.jsonl"
         done = {(r["view"], r["n"]) for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else set()
@@ -395,13 +424,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--editor", default="rome", choices=["rome", "memit", "ft", "mend"])
+    r.add_argument("--editor", default="rome", choices=["rome", "memit", "alphaedit", "ft", "mend"])
     r.add_argument("--mend-checkpoint", default=None)
     r.add_argument("--editor-args", type=json.loads, default={},
                    help='editor constructor arguments as JSON, e.g. \'{"mom2_update_weight": 5000}\'')
     r.add_argument("--label", default=None, help="the row's name in files and tables (default: the editor's)")
     r.add_argument("--order", default="paper", help="'paper' (the file's order) or 'seed:K' (the same records permuted)")
-    r.add_argument("--runs", nargs="+", default=["stream", "online"], choices=["stream", "online"])
+    r.add_argument("--runs", nargs="+", default=["stream", "online"], choices=list(RUNS),
+                   help="stream (no restraint + deferred PRUNE views), online (PRUNE α=e), rect_online (RECT k=0.4), "
+                        "rect_prune_online (RECT then PRUNE, both online)")
+    r.add_argument("--rect-view", action="store_true", help="also show the deferred RECT view (k=0.4) of the stream")
+    r.add_argument("--edit-batch", type=int, default=1, help="requests per edit (batch-sequential editing)")
     r.add_argument("--n", type=int, default=200)
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
@@ -422,7 +455,7 @@ def main() -> None:
     r.add_argument("--out", default=str(DEFAULT_OUT))
     d = sub.add_parser("downstream", help="the four tasks on the snapshots of a run (resumable)")
     d.add_argument("--label", required=True)
-    d.add_argument("--runs", nargs="+", default=["stream", "online"], choices=["stream", "online"])
+    d.add_argument("--runs", nargs="+", default=["stream", "online"], choices=list(RUNS))
     d.add_argument("--at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200])
     d.add_argument("--examples", default="paper", help="'paper' (358/149/261/299) or a number per task")
     d.add_argument("--model", default="smollm2-135m")

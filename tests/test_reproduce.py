@@ -219,3 +219,34 @@ def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, d
     driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
            "--out", out, "--runs", "stream")
     assert (out / "ft_stream_downstream.jsonl").read_text() == before  # nothing evaluated twice
+
+
+def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver):
+    """``rect_online`` / ``rect_prune_online`` rows are what RectCallback (and RectCallback + PruneCallback, online)
+    produce on the same stream."""
+    import lightning as L
+
+    from lit_prune import EditDataModule, SequentialEditingModule
+    from lit_prune.callbacks import PruneCallback, RectCallback
+    from lit_prune.editors import FT
+
+    out, n = tmp_path / "out", 3
+    driver("run", "--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 10, "--ppl-every", 10,
+           "--ppl-texts", 2, "--threads", 1, "--n", n, "--out", out, "--editor-args", json.dumps(HP),
+           "--runs", "rect_online", "rect_prune_online", "--snapshot-at", 0)
+    name = FT().edited_parameters(_loaded(model_dir))[0]
+    for run, cbs in (("rect_online", [RectCallback()]), ("rect_prune_online", [RectCallback(), PruneCallback()])):
+        module = SequentialEditingModule(model=str(model_dir), editor=FT(**HP))
+        L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path / run,
+                  callbacks=cbs).fit(module, datamodule=EditDataModule(path=str(DEMO), n_edits=n))
+        W = module.model.get_parameter(name).detach().double()
+        driver_w = torch.load(out / f"ft_{run}.pt", weights_only=False)["weights"][name].double()
+        assert float((W - driver_w).norm() / driver_w.norm()) < 1e-5, run
+        rows = rows_of(out / f"ft_{run}.jsonl")
+        kappa = metrics(rows, run, n)[f"spectrum/{name}/condition_number"]
+        assert kappa == pytest.approx(float(np.linalg.cond(W.numpy())), rel=1e-4)
+    from lit_prune.restraint import AccumulatedUpdate
+
+    acc = AccumulatedUpdate.from_state_dict(torch.load(out / "ft_rect_online.pt", weights_only=False)["matrices"][name])
+    assert float((acc.delta() != 0).double().mean()) == pytest.approx(0.4, abs=1e-3)  # RECT's sparse committed ΔW
