@@ -26,24 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_sweep import ROOT, counterfact, margins, summarise  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+from common import RESULTS, counterfact, counterfact_file, machine, margins, summarise
 
 
 # EasyEdit on this machine (2 cores), embedded model, first 10 CounterFact edits, sequential (developers' guide):
@@ -61,9 +49,8 @@ def part_timing(model, tok, n_edits: int, n_plain: int) -> dict:
     from lit_prune.data.formats import load_requests
     from lit_prune.editors import MEMIT, ROME, apply_updates
     from lit_prune.metrics.editing import score_requests
-    from layer_sweep import data_file
 
-    reqs = load_requests(data_file(), n=n_edits)
+    reqs = load_requests(counterfact_file("edit"), n=n_edits)
     out: dict = {"n_edits": n_edits, "n_plain": n_plain, "case_ids": [r.case_id for r in reqs]}
     for name, cls in (("ROME", ROME), ("MEMIT", MEMIT)):
         ed = cls.for_model(model, tok, progress=False)
@@ -128,10 +115,10 @@ def part_stats(model, tok, n_texts: int) -> dict:
 
 
 def part_mom2(model, tok, counts: list[int], n_edits: int, n_heldout: int) -> dict:
-    from lit_prune.editors import ROME
+    from lit_prune.editors import ROME, apply_updates
     from lit_prune.editors.compute_u import compute_u
     from lit_prune.editors.weights import EditedMatrix
-    from lit_prune.editors import apply_updates
+    from lit_prune.metrics.editing import request_case_values
     from lit_prune.models import load_texts
     from lit_prune.stats import collect_second_moments
 
@@ -159,9 +146,10 @@ def part_mom2(model, tok, counts: list[int], n_edits: int, n_heldout: int) -> di
     before = margins(model, tok, cases)
     ed.set_second_moment(model, layer, Cs[counts[-1]])
     per_count: dict[int, list] = {n: [] for n in counts}
+    values: dict[int, dict[str, list]] = {n: {} for n in counts}
     dist: dict[int, list] = {n: [] for n in counts}
     for c in cases:
-        ed.compute(model, tok, [c["request"]])
+        ed.compute(model, tok, [c])
         k, v = ed.last_info[0]["k_star"].double(), ed.last_info[0]["v_star"].double()
         resid = v - mat.value(k).double()
         for n in counts:
@@ -173,16 +161,18 @@ def part_mom2(model, tok, counts: list[int], n_edits: int, n_heldout: int) -> di
             apply_updates(model, {mat.param_name: up})
             try:
                 per_count[n].append(margins(model, tok, [c]))
+                for k, v in request_case_values(model, tok, [c]).items():
+                    values[n].setdefault(k, []).append(v)
             finally:
                 apply_updates(model, {mat.param_name: up}, sign=-1)
     rows = []
     for n in counts:
-        s = summarise(before, torch.cat(per_count[n]))
+        s = summarise({k: torch.cat(v) for k, v in values[n].items()}, before, torch.cat(per_count[n]))
         rows.append({"n_texts": n, **s, "disturbance": statistics.mean(dist[n]),
                      "disturbance_max": max(dist[n])})
         print(rows[-1], flush=True)
     return {"layer": layer, "tokens": count, "seconds": seconds, "tokens_per_s": count / seconds,
-            "n_heldout": n_heldout, "n_edits": n_edits, "case_ids": [c["request"]["case_id"] for c in cases],
+            "n_heldout": n_heldout, "n_edits": n_edits, "case_ids": [c.case_id for c in cases],
             "rows": rows}
 
 
@@ -276,7 +266,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (EasyEdit's figures used the 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
     from lit_prune.models import load_model
 
     model, tok = load_model("smollm2-135m")

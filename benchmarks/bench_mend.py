@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, counterfact_file, machine
 
 from lit_prune.editors.mend import MEND
-from lit_prune.editors.mend_factors import answer_nll, tokenize_answers
+from lit_prune.metrics.editing import prefers as nll_prefers
+from lit_prune.metrics.scoring import answer_nll
 from lit_prune.mend_training import MENDDataModule
 from lit_prune.models import cache_dir, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json"
 VAL_TAGS = ("val/edit_success", "val/paraphrase_success", "val/edit_acc", "val/locality_drawdown", "val/loc_kl",
             "val/edit_success_pre")
 
@@ -64,13 +61,10 @@ def read_run(run_dir: Path) -> dict:
 
 
 def prefers(model, tok, prompts: list[str], first: str, second: str) -> list[bool]:
-    """Per prompt: NLL(first) < NLL(second)."""
-    rows_p = [p for p in prompts for _ in (0, 1)]
-    rows_a = [a for _ in prompts for a in (first, second)]
-    ids, mask, labels = tokenize_answers(tok, rows_p, rows_a)
-    with torch.no_grad():
-        nll = answer_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
-    return [bool(nll[2 * i] < nll[2 * i + 1]) for i in range(len(prompts))]
+    """Per prompt: NLL(first) < NLL(second) (:func:`lit_prune.metrics.scoring.answer_nll`)."""
+    n = len(prompts)
+    nll = answer_nll(model, tok, list(prompts) * 2, [first] * n + [second] * n)
+    return nll_prefers(nll[:n], nll[n:]).bool().tolist()
 
 
 def timing(model, tok, editor: MEND, examples, n_mend: int, n_rome: int) -> dict:
@@ -204,7 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="the training run's TensorBoard version folder")
     ap.add_argument("--checkpoint", default=str(cache_dir() / "mend" / "smollm2-135m.pt"))
-    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--data", default=str(counterfact_file("train")))
     ap.add_argument("--n-val", type=int, default=50, help="must match the training config (same split)")
     ap.add_argument("--n-mend", type=int, default=10)
     ap.add_argument("--n-rome", type=int, default=3)
@@ -222,8 +216,7 @@ def main() -> None:
     editor = MEND(args.checkpoint)
     examples = MENDDataModule(args.data, n_val=args.n_val, n_train=1, seed=0).val_examples
     res = {
-        "machine": (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch "
-                    f"{torch.__version__}, {torch.get_num_threads()} thread(s)"),
+        "machine": machine("(shared)"),
         "params": editor.hypernet.params,
         "hypernet_params": sum(p.numel() for p in editor.hypernet.parameters()),
         "hypernet_mb": Path(args.checkpoint).expanduser().stat().st_size / 2**20,

@@ -27,9 +27,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import RESULTS, counterfact_file
 
 SHAPES = {
     "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257),
@@ -71,7 +69,7 @@ def time_editor(cls, model, tok, reqs, overrides: dict, device: str) -> dict:
 
     ed = cls(progress=False, **overrides)  # not for_model: that would compute C from texts on random weights
     hp = ed.hparams(model)
-    for layer in hp["layers"]:
+    for layer in hp.layers:
         mod = ed.arch(model).rewrite_module_tmp.format(layer)
         ed.set_second_moment(model, layer, random_second_moment(EditedMatrix(model, mod).k_dim, device))
     secs = []
@@ -82,7 +80,7 @@ def time_editor(cls, model, tok, reqs, overrides: dict, device: str) -> dict:
         sync(device)
         secs.append(time.perf_counter() - t0)
         apply_updates(model, ups)
-    return {"layers": hp["layers"], "steps": hp.get("v_num_grad_steps"), "s_per_edit": secs,
+    return {"layers": hp.layers, "steps": getattr(hp, "v_num_grad_steps", None), "s_per_edit": secs,
             "median_after_first": statistics.median(secs[1:]) if len(secs) > 1 else secs[0]}
 
 
@@ -118,16 +116,15 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=None, help="fewer blocks (smoke tests on a CPU)")
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="edited layer(s), overriding the presets")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 10, 100, 200])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_shapes"))
+    ap.add_argument("--out", default=str(RESULTS / "paper_shapes"))
     args = ap.parse_args()
 
-    from layer_sweep import data_file
     from lit_prune.data.formats import load_requests
     from lit_prune.editors import MEMIT, ROME
     from lit_prune.models import load_model
 
     _, tok = load_model("smollm2-135m", device="cpu")
-    reqs = load_requests(data_file(), n=args.n_edits)
+    reqs = load_requests(counterfact_file("edit"), n=args.n_edits)
     dev_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (platform.processor() or "CPU")
     res = {"device": dev_name, "torch": torch.__version__, "dtype": args.dtype, "n_layers": args.n_layers,
            "models": {}}

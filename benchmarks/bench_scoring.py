@@ -22,25 +22,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import counterfact_file, data_dir
 
 from lit_prune.data.formats import read_records, records_to_requests
-from lit_prune.metrics.downstream import (
-    DEFAULT_N,
-    GENERATION_TASKS,
-    MAX_NEW_TOKENS,
-    TASK_FILES,
-    generate,
-    load_examples,
-    new_task_metric,
-    task_values,
-    update_task_metric,
-)
+from lit_prune.metrics.downstream import generate, new_task_metric, task_values, update_task_metric
 from lit_prune.metrics.editing import score_requests
+from lit_prune.metrics.tasks import DEFAULT_N, GENERATION_TASKS, MAX_NEW_TOKENS, TASK_FILES, load_examples
 from lit_prune.models import load_model, load_texts
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("LIT_PRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @torch.no_grad()
@@ -100,7 +88,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model, tok = load_model("smollm2-135m")
-    recs = read_records(data_root() / "counterfact" / "counterfact-edit.json")[: args.n]
+    recs = read_records(counterfact_file("edit"))[: args.n]
     requests = records_to_requests(recs, source="counterfact-edit.json")
     n_pairs = sum(2 * (1 + len(r.paraphrase_prompts) + len(r.neighborhood_prompts)) for r in requests)
 
@@ -160,7 +148,7 @@ def main() -> None:
     ]
 
     if args.downstream_n > 0:
-        ddir = Path(os.environ.get("LIT_PRUNE_DOWNSTREAM", data_root() / "downstream"))
+        ddir = Path(os.environ.get("LIT_PRUNE_DOWNSTREAM", data_dir() / "downstream"))
         lines += [
             f"## Downstream tasks, cost per example ({args.downstream_n} examples each, batch size 8)",
             "",

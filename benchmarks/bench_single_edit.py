@@ -154,7 +154,7 @@ def memit_measure(bench: Bench):
 
     def measure(editor, ups, req) -> dict:
         info = editor.last_info[0]
-        z_module = editor.arch(bench.model).layer_module_tmp.format(max(editor.hparams(bench.model)["layers"]))
+        z_module = editor.arch(bench.model).layer_module_tmp.format(max(editor.hparams(bench.model).layers))
         h_after = reprs_at_subject(bench.model, bench.tok, [req], ["{}"], z_module, "out")[0, 0].double()
         h, z = info["h"].double(), info["z"].double()
         need = z - h
@@ -184,7 +184,7 @@ def run_memit(bench: Bench, lam: float | None, out: Path, label: str, reuse: lis
     from lit_prune.editors import MEMIT
 
     ed = MEMIT.for_model(bench.model, bench.tok, mom2_update_weight=lam, progress=False)
-    lam_used = float(ed.hparams(bench.model)["mom2_update_weight"])
+    lam_used = float(ed.hparams(bench.model).mom2_update_weight)
     done = {(r["editor"], r.get("lambda"), r["case_id"]) for r in read_rows(out)}
     cached = {r["case_id"]: r for r in (reuse or []) if r.get("editor") == "memit" and r.get("lambda") == lam_used}
     measure = memit_measure(bench)

@@ -16,35 +16,16 @@ from pathlib import Path
 import torch
 
 from lit_prune.data.formats import load_requests
+from lit_prune.metrics.editing import prefers
+from lit_prune.metrics.scoring import answer_nll
 from lit_prune.models import load_model
 
 
-@torch.no_grad()
-def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Length-normalised NLL of ``" " + answer`` after ``prompt`` for each pair; returns a float32 tensor ``[n]``.
-
-    Prompt and answer are tokenised separately (no special tokens) and concatenated; sequences are right-padded.
-    """
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s:s + batch_size]]
-        a_ids = [tok(" " + a, add_special_tokens=False)["input_ids"] for a in answers[s:s + batch_size]]
-        seqs = [p + a for p, a in zip(p_ids, a_ids)]
-        width = max(map(len, seqs))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for i, (p, a) in enumerate(zip(p_ids, a_ids)):
-            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # logits at t predict token t + 1
-            out.append(-logp[i, pos, torch.tensor(a)].mean())
-    return torch.stack(out)
-
-
 def prefers_true(model, tok, prompts: list[str], true: list[str], new: list[str]) -> tuple[torch.Tensor, ...]:
-    """(NLL of the true objects, NLL of the new objects, bool mask ``NLL(true) < NLL(new)``), each ``[n]``."""
+    """(NLL of the true objects, NLL of the new objects, bool mask ``NLL(true) < NLL(new)``), each ``[n]``
+    (:func:`lit_prune.metrics.scoring.answer_nll`, :func:`lit_prune.metrics.editing.prefers`)."""
     nll_true, nll_new = answer_nll(model, tok, prompts, true), answer_nll(model, tok, prompts, new)
-    return nll_true, nll_new, nll_true < nll_new
+    return nll_true, nll_new, prefers(nll_true, nll_new).bool()
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """Which layer(s) to edit in the embedded SmolLM2-135M: ROME over single layers, MEMIT over 5-layer windows.
 
-Each CounterFact edit is applied to the UNEDITED model, scored, and removed again. Scores (CounterFact probability
-comparison, spec §4): efficacy = P(new) > P(true) on the edit prompt, paraphrase = the same on the rephrased
-prompt, neighbourhood = P(true) > P(new) on a prompt about another subject (locality; the unedited model's rate is
-the ceiling), plus the mean change of log P(true) − log P(new) on the neighbourhood prompts (0 = untouched).
+Each CounterFact edit is applied to the UNEDITED model, scored, and removed again, all with the library's functions
+(``load_requests``, ``editor.compute``, ``apply_updates``, ``request_case_values``, ``text_nll``). Scores
+(CounterFact probability comparison, spec §4): efficacy = P(new) > P(true) on the edit prompt, paraphrase = the
+same on the rephrased prompt, neighbourhood = P(true) > P(new) on a prompt about another subject (locality; the
+unedited model's rate is the ceiling), plus the mean change of log P(true) − log P(new) on the neighbourhood prompts
+(0 = untouched).
 Writes benchmarks/results/layer_sweep.{md,json}. About 15 minutes on one busy CPU core (statistics cached).
 
     python benchmarks/layer_sweep.py [--n-edits 8] [--rome-layers 1 2 4 6 8] [--memit-windows 2-6 4-8]
@@ -13,98 +15,49 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, counterfact, machine, margins, summarise
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def data_file() -> Path:
-    d = Path(os.environ.get("LIT_PRUNE_DATA", ROOT.parent / "shared" / "data"))
-    return d / "counterfact" / "counterfact-edit.json"
+from lit_prune.editors import MEMIT, ROME, apply_updates
+from lit_prune.metrics.downstream import text_nll
+from lit_prune.metrics.editing import request_case_values
+from lit_prune.models import load_model, load_texts
 
 
-def counterfact(n: int, offset: int = 0) -> list[dict]:
-    """``n`` CounterFact records (EasyEdit format) with the edit request built from the full prompt."""
-    from lit_prune.requests import template_from_prompt
-
-    recs = json.loads(data_file().read_text())[offset: offset + n]
-    out = []
-    for r in recs:
-        out.append({
-            "request": {"prompt": template_from_prompt(r["prompt"], r["subject"]), "subject": r["subject"],
-                        "target_new": r["target_new"], "target_true": r["ground_truth"], "case_id": r["case_id"]},
-            "prompt": r["prompt"], "paraphrase": r["rephrase_prompt"], "neighbourhood": r["locality_prompt"],
-        })
-    return out
-
-
-@torch.no_grad()
-def margins(model, tok, cases: list[dict]) -> torch.Tensor:
-    """(n, 3) NLL(true) − NLL(new) on the edit prompt, the paraphrase and the neighbourhood prompt (> 0: new wins)."""
-    from lit_prune.metrics.scoring import answer_nll
-
-    prompts, answers = [], []
-    for c in cases:
-        for key in ("prompt", "paraphrase", "neighbourhood"):
-            prompts += [c[key]] * 2
-            answers += [c["request"]["target_new"], c["request"]["target_true"]]
-    nll = answer_nll(model, tok, prompts, answers).view(len(cases), 3, 2)
-    return nll[..., 1] - nll[..., 0]
-
-
-def summarise(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-    """Rates from margins (n, 3) before and after each edit."""
-    return {
-        "efficacy": float((after[:, 0] > 0).float().mean()),
-        "paraphrase": float((after[:, 1] > 0).float().mean()),
-        "neighbourhood": float((after[:, 2] < 0).float().mean()),
-        "neighbourhood_shift": float((after[:, 2] - before[:, 2]).abs().mean()),
-        "efficacy_margin": float(after[:, 0].mean()),
-        "paraphrase_margin": float(after[:, 1].mean()),
-    }
-
-
-@torch.no_grad()
 def perplexity(model, tok, texts: list[str], max_length: int = 128) -> float:
-    """Token-level perplexity of ``texts`` (each truncated to ``max_length`` tokens, one batch, padding masked)."""
-    from lit_prune.editors.tokens import pad_right
-
-    ids = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    x, mask = pad_right(ids, tok.pad_token_id, next(model.parameters()).device)
-    logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-    m = mask[:, 1:].float()
-    return float(torch.exp((nll * m).sum() / m.sum()))
+    """Token-level perplexity of ``texts``, each cut to ``max_length`` tokens (:func:`text_nll`)."""
+    s, n = text_nll(model, tok, texts, max_length=max_length)
+    return math.exp(s / n)
 
 
-def edit_each(model, tok, editor, cases: list[dict], batch: bool = False, ppl_texts: list[str] | None = None):
-    """Margins after editing each case alone on the unedited model (or all at once with ``batch``), seconds per
-    edit, and the held-out perplexity ratio (after / before) of each edit."""
-    from lit_prune.editors import apply_updates
-
+def edit_each(model, tok, editor, cases: list, batch: bool = False, ppl_texts: list[str] | None = None):
+    """Edit each case alone on the unedited model (or all at once with ``batch``): ``editor.compute``, applied,
+    scored, removed again (``apply_updates(sign=-1)``). Returns the per-case values of
+    :func:`request_case_values` after the edits, the :func:`margins` after them, the seconds per edit, and the
+    held-out perplexity ratio (after / before) of each edit."""
+    vals: dict[str, list[torch.Tensor]] = {}
     rows, secs, ppl = [], [], []
     base_ppl = perplexity(model, tok, ppl_texts) if ppl_texts else None
     groups = [cases] if batch else [[c] for c in cases]
     for g in groups:
         t0 = time.perf_counter()
-        ups = editor.compute(model, tok, [c["request"] for c in g])
+        ups = editor.compute(model, tok, g)
         secs.append((time.perf_counter() - t0) / len(g))
         apply_updates(model, ups)
         try:
+            for k, v in request_case_values(model, tok, g).items():
+                vals.setdefault(k, []).append(v)
             rows.append(margins(model, tok, g))
             if ppl_texts:
                 ppl.append(perplexity(model, tok, ppl_texts) / base_ppl)
         finally:
             apply_updates(model, ups, sign=-1)
-    return torch.cat(rows), secs, ppl
+    return {k: torch.cat(v) for k, v in vals.items()}, torch.cat(rows), secs, ppl
 
 
 def main() -> None:
@@ -117,44 +70,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP spin-waits on a busy CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
-    from lit_prune.editors import MEMIT, ROME
-    from lit_prune.models import load_model
 
     model, tok = load_model("smollm2-135m")
     cases = counterfact(args.n_edits)
     before = margins(model, tok, cases)
-    base = summarise(before, before)
+    base = summarise(request_case_values(model, tok, cases), before, before)
     windows = [list(range(int(w.split("-")[0]), int(w.split("-")[1]) + 1)) for w in args.memit_windows]
     # statistics of every layer in one pass (cached for later runs)
     all_layers = sorted(set(args.rome_layers) | {x for w in windows for x in w})
     ROME(layers=all_layers, mom2_n_samples=args.mom2_n_samples).load_stats(model, tok)
-
-    from lit_prune.models import load_texts
 
     ppl_texts = load_texts("wiki-offline")[-16:]  # held out: the statistics use texts from the front
     rows = []
     t_start = time.perf_counter()
     for layer in args.rome_layers:
         ed = ROME(layers=layer, mom2_n_samples=args.mom2_n_samples, progress=False)
-        after, secs, ppl = edit_each(model, tok, ed, cases, ppl_texts=ppl_texts)
-        rows.append({"method": "ROME", "layers": [layer], **summarise(before, after),
+        vals, after, secs, ppl = edit_each(model, tok, ed, cases, ppl_texts=ppl_texts)
+        rows.append({"method": "ROME", "layers": [layer], **summarise(vals, before, after),
                      "ppl_ratio": statistics.mean(ppl), "ppl_ratio_max": max(ppl),
                      "s_per_edit": statistics.median(secs)})
         print(rows[-1], flush=True)
     for w in windows:
         ed = MEMIT(layers=w, mom2_n_samples=args.mom2_n_samples, progress=False)
-        after, secs, ppl = edit_each(model, tok, ed, cases, batch=True, ppl_texts=ppl_texts)
-        rows.append({"method": "MEMIT (batch)", "layers": w, **summarise(before, after),
+        vals, after, secs, ppl = edit_each(model, tok, ed, cases, batch=True, ppl_texts=ppl_texts)
+        rows.append({"method": "MEMIT (batch)", "layers": w, **summarise(vals, before, after),
                      "ppl_ratio": ppl[0], "ppl_ratio_max": ppl[0], "s_per_edit": statistics.median(secs)})
         print(rows[-1], flush=True)
     total = time.perf_counter() - t_start
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": "smollm2-135m", "n_edits": args.n_edits, "case_ids": [c["request"]["case_id"] for c in cases],
-            "mom2_n_samples": args.mom2_n_samples, "unedited": base, "seconds": total,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    meta = {"model": "smollm2-135m", "n_edits": args.n_edits, "case_ids": [c.case_id for c in cases],
+            "mom2_n_samples": args.mom2_n_samples, "unedited": base, "seconds": total, "machine": machine()}
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Layer sweep on SmolLM2-135M (ROME single layers, MEMIT 5-layer windows)",

@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from lit_prune.data.formats import load_requests  # noqa: E402
 from lit_prune.editors.base import LowRankUpdate, apply_updates, check_updates  # noqa: E402
-from lit_prune.metrics.downstream import load_examples, new_task_metric, task_values, text_nll, update_task_metric  # noqa: E402
+from lit_prune.metrics.downstream import new_task_metric, task_values, text_nll, update_task_metric  # noqa: E402
 from lit_prune.metrics.editing import request_case_values  # noqa: E402
+from lit_prune.metrics.tasks import load_examples  # noqa: E402
 from lit_prune.models import load_model, load_texts  # noqa: E402
 from lit_prune.restraint import AccumulatedUpdate, condition_number, sigma_max  # noqa: E402
 

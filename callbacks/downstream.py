@@ -10,8 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_prune.logging import log_metrics, num_edits
-from lit_prune.metrics.downstream import (
+from lit_prune.curves import log_metrics, num_edits
+from lit_prune.metrics.downstream import new_task_metric, task_values, update_task_metric
+from lit_prune.metrics.report import FinalMetricsReporter
+from lit_prune.metrics.tasks import (
     DEFAULT_N,
     GENERATION_TASKS,
     MAX_NEW_TOKENS,
@@ -20,11 +22,7 @@ from lit_prune.metrics.downstream import (
     DownstreamDataError,
     Example,
     load_examples,
-    new_task_metric,
-    task_values,
-    update_task_metric,
 )
-from lit_prune.metrics.report import FinalMetricsReporter
 from lit_prune.models import load_texts
 
 ENV_DATA_DIR = "LIT_PRUNE_DOWNSTREAM"
@@ -32,8 +30,10 @@ ENV_DATA_DIR = "LIT_PRUNE_DOWNSTREAM"
 
 class DownstreamEvalCallback(FinalMetricsReporter, L.Callback):
     """The paper's general-ability tasks and held-out perplexity, at 0 edits, every ``every_n_edits`` edits and at
-    the end of training, logged as ``downstream/{reasoning,summarization,qa,nli,perplexity}`` (x = number of edits;
-    summarization also logs ``downstream/summarization_{rouge1,rouge2,rougeL}``).
+    the end of training, logged as ``downstream/{reasoning,summarization,qa,nli,perplexity}`` (x = number of edits),
+    each with what reads it: ``<task>_n`` (examples), ``<task>_correct``, the ROUGE parts of summarization, and for
+    NLI and QA the parseable answers, the accuracy among them and a likelihood score (``nli_likelihood``,
+    ``qa_gold_nll``); every key is listed in :mod:`lit_prune.metrics.downstream`.
 
     Args:
         tasks: any of ``reasoning``, ``summarization``, ``qa``, ``nli``, ``perplexity``. The default, perplexity

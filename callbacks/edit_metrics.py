@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_prune.logging import log_metrics, num_edits
+from lit_prune.curves import log_metrics, num_edits
 from lit_prune.metrics.editing import (
     EditScores,
     PrePredictions,
@@ -148,8 +148,7 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
         self.immediate_scores.to(pl_module.device)
         if self._immediate_state is not None:  # resumed: the run's immediate sums so far, held by rank 0
             if trainer.global_rank == 0:
-                for k, v in self._immediate_state.items():
-                    setattr(self.immediate_scores, k, torch.tensor(v, dtype=torch.float64, device=pl_module.device))
+                self.immediate_scores.load_sums(self._immediate_state)
             self._immediate_state = None
         requests = self.run_requests(trainer)
         self._known_requests = requests is not None
@@ -209,8 +208,7 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
 
     def _snapshot_immediate(self) -> None:
         """Keep the reduced immediate sums (same on all ranks) so a checkpoint can restore the running means."""
-        with self.immediate_scores.sync_context():  # a collective when distributed; restores the local sums after
-            self._synced_immediate = {k: float(v) for k, v in self.immediate_scores.metric_state.items()}
+        self._synced_immediate = self.immediate_scores.sums()  # a collective when distributed; local sums kept
 
     # -- resume --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
-from lit_prune.logging import log_metrics, num_edits
+from lit_prune.curves import log_metrics, num_edits
 from lit_prune.protocols import EditLogEntry, EditStream, WeightReader
 from lit_prune.restraint import AccumulatedUpdate
 

@@ -6,7 +6,7 @@
 - :class:`HParamsCallback`: the run's key settings as TensorBoard hparams (HPARAMS tab).
 
 They write to every :class:`~lightning.pytorch.loggers.TensorBoardLogger` of the trainer, on rank 0 only (no
-collectives), with the number of edits (:func:`lit_prune.logging.num_edits`; the global step for a module without
+collectives), with the number of edits (:func:`lit_prune.curves.num_edits`; the global step for a module without
 one) as the step. They work in any LightningModule whose language model is ``pl_module.model`` (or is the module).
 """
 
@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lit_prune.logging import num_edits
+from lit_prune.curves import num_edits
 from lit_prune.restraint import numerical_rank, svdvals
 
 

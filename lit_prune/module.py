@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .editors.base import Editor, LowRankUpdate, Updates, apply_updates, check_updates
-from .logging import log_metrics
+from .curves import log_metrics
 from .protocols import undo_participants
 from .requests import EditRequest
 
@@ -72,7 +72,10 @@ class SequentialEditingModule(L.LightningModule):
     module to its device and syncing the ranks), so ``--print_config`` and data validation never wait for it, and
     device placement never depends on which callbacks are configured. Outside a Trainer call
     ``module.configure_model()`` (or :meth:`set_model`) before using ``module.model``. Multi-device runs compute each
-    update on every rank and broadcast rank 0's, so all ranks hold bit-identical weights after every step.
+    update on every rank and broadcast rank 0's, so all ranks hold bit-identical weights after every step; for an
+    editor that declares ``shares_targets`` (MEMIT, AlphaEdit) and a batch of two or more requests, the ranks split
+    the batch's δ/z optimisation (rank r takes requests r, r + world_size, ...), all-gather the targets and each
+    solves the same closed-form update.
     """
 
     def __init__(
@@ -148,9 +151,13 @@ class SequentialEditingModule(L.LightningModule):
         t0 = time.perf_counter()
         for i, r in enumerate(batch):
             r.validate(f"edit batch {batch_idx}, request {i}")
-        updates = self.editor.compute(self.model, self.tokenizer, batch)
+        world = self.trainer.world_size
+        if world > 1 and len(batch) > 1 and getattr(self.editor, "shares_targets", False):
+            updates = self._shared_compute(batch)
+        else:
+            updates = self.editor.compute(self.model, self.tokenizer, batch)
         updates = {k: LowRankUpdate(u.A.detach().float().cpu(), u.B.detach().float().cpu()) for k, u in updates.items()}
-        if self.trainer.world_size > 1:
+        if world > 1:  # every rank solved the same update; rank 0's makes the weights bit-identical regardless
             updates = self.trainer.strategy.broadcast(updates, src=0)
         check_updates(self.model, updates, where=f"edit batch {batch_idx} (case ids {[r.case_id for r in batch]})")
         apply_updates(self.model, updates)
@@ -163,6 +170,24 @@ class SequentialEditingModule(L.LightningModule):
         for k, u in updates.items():
             metrics[f"edit/{k}/update_norm"] = float(torch.linalg.matrix_norm(u.dense(torch.float32)))
         log_metrics(self.trainer, metrics, step=self.num_edits)
+
+    def _shared_compute(self, batch: list[EditRequest]) -> Updates:
+        """The batch's update with the work shared by the ranks (editors with ``shares_targets``, e.g. MEMIT): rank r
+        computes the targets of requests r, r + world, ...; the shares are all-gathered and put back in request
+        order, and every rank solves the same closed-form update from all targets."""
+        import torch.distributed as dist
+
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = list(range(rank, len(batch), world))
+        targets = self.editor.compute_targets(self.model, self.tokenizer, batch, mine)
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, targets.detach().double().cpu())
+        cols: list[Any] = [None] * len(batch)
+        for r, share in enumerate(shares):
+            for j, i in enumerate(range(r, len(batch), world)):
+                cols[i] = share[:, j]
+        all_targets = torch.stack(cols, 1).to(targets.device)
+        return self.editor.compute_from_targets(self.model, self.tokenizer, batch, all_targets)
 
     def on_train_end(self) -> None:
         if self.export_dir is None:

@@ -13,6 +13,8 @@ Disk cache: ``<stats_dir>/<model>/<source>_stats/<module>_<dtype>_mom2_<n_sample
 ``mom2.count`` = N, ``sample_size``) plus ``count``, so ROME's published statistics drop in: a file named as ROME
 names it (``<module>_<dtype>_mom2_<n_samples>.npz``, no ``_len``) in the same folder is used when the exact file is
 absent.
+
+:class:`SecondMomentCache` holds an editor's C per edited module and solves C⁻¹ rhs from a cached factorisation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +49,40 @@ class SecondMoment:
     def moment(self) -> Tensor:
         """C = mom2 / count, float64, (k_dim, k_dim)."""
         return self.mom2 / self.count
+
+
+class SecondMomentCache:
+    """Second moments C (k_dim × k_dim, float64) under caller-chosen keys, and C⁻¹ rhs from a factorisation of each
+    made once: Cholesky, LU where C is not numerically positive definite. One per editor instance (nothing is shared
+    between instances); replacing a C drops its factor."""
+
+    def __init__(self) -> None:
+        self._moments: dict[Hashable, Tensor] = {}
+        self._factors: dict[Hashable, tuple[str, Tensor, Tensor | None]] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._moments
+
+    def __getitem__(self, key: Hashable) -> Tensor:
+        return self._moments[key]
+
+    def __setitem__(self, key: Hashable, C: Tensor) -> None:
+        self._moments[key] = C
+        self._factors.pop(key, None)
+
+    def solve(self, key: Hashable, rhs: Tensor) -> Tensor:
+        """C⁻¹ rhs in float64 (rhs: (k_dim, n)) for the C held under ``key``, on C's device."""
+        if key not in self._factors:
+            C = self._moments[key]
+            L, info = torch.linalg.cholesky_ex(C)
+            if int(info) == 0:
+                self._factors[key] = ("cholesky", L, None)
+            else:
+                LU, piv = torch.linalg.lu_factor(C)
+                self._factors[key] = ("lu", LU, piv)
+        kind, f, piv = self._factors[key]
+        rhs = rhs.to(device=f.device, dtype=torch.float64)
+        return torch.cholesky_solve(rhs, f) if kind == "cholesky" else torch.linalg.lu_solve(f, piv, rhs)
 
 
 def model_key(model: nn.Module) -> str:
@@ -131,8 +167,11 @@ def load_npz(path: str | Path) -> SecondMoment:
 
 
 def _k_dim(module: nn.Module) -> int:
-    """Size of the input (key) of an edited matrix: ``nn.Linear`` stores (out, in), GPT-2's ``Conv1D`` (in, out)."""
-    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+    """Size of the input (key) of an edited matrix: ``nn.Linear`` stores (out, in), GPT-2's ``Conv1D`` (in, out)
+    (:func:`lit_prune.editors.weights.orientation`)."""
+    from .editors.weights import orientation
+
+    return module.weight.shape[1] if orientation(module) == "linear" else module.weight.shape[0]
 
 
 def _dist() -> tuple[int, int]:

@@ -12,7 +12,8 @@ class LockstepStrategy(DDPStrategy):
     DDP refuses a module without trainable parameters and would all-reduce gradients that editing never produces.
     This strategy keeps everything else of DDP (launch, process group, ``broadcast``/``barrier``/``reduce``): at
     fit start the model's parameters and buffers are synchronised from rank 0, each edit update is computed on every
-    rank and rank 0's is broadcast (see :class:`~lit_prune.SequentialEditingModule`), so all ranks hold bit-identical
+    rank (MEMIT/AlphaEdit batches: the z optimisation split across ranks, the targets all-gathered) and rank 0's is
+    broadcast (see :class:`~lit_prune.SequentialEditingModule`), so all ranks hold bit-identical
     weights after every step; evaluation callbacks shard their data across ranks and reduce with torchmetrics.
 
     Use it as ``strategy: lockstep`` (or ``class_path: lit_prune.strategy.LockstepStrategy``) with ``devices: N``.

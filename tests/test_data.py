@@ -123,6 +123,7 @@ def test_request_coerce_errors():
     assert r.full_prompt == "Messi plays" and r.target_true is None
 
 
+@pytest.mark.filterwarnings("ignore:EditDataModule. skipped")  # asserted once below, then expected
 def test_zsre_records_that_cannot_be_edited_are_refused_or_skipped(data_dir):
     """Some records of the ZsRE sample have alt == answers[0] or an empty alt: refused by default (naming the first
     and the option), left out with skip_invalid, n_edits then counting the records kept."""

@@ -10,12 +10,22 @@ import torch
 from torchmetrics.text.rouge import ROUGEScore
 
 from lit_prune.metrics.downstream import (
-    DEFAULT_N,
-    DownstreamDataError,
     GenerationAccuracy,
+    NLIAccuracy,
+    QAAccuracy,
     RougeF1,
     TokenPerplexity,
+    fit_prompt,
     generate,
+    gold_answer_nll,
+    new_task_metric,
+    task_values,
+    text_nll,
+    update_task_metric,
+)
+from lit_prune.metrics.tasks import (
+    DEFAULT_N,
+    DownstreamDataError,
     gsm8k_answer,
     load_examples,
     make_example,
@@ -24,7 +34,6 @@ from lit_prune.metrics.downstream import (
     qa_exact_match,
     reasoning_correct,
     score_generations,
-    text_nll,
 )
 
 
@@ -177,3 +186,148 @@ def test_hub_style_records_adapt():
     assert squad.target == ["x"] and "Passage: ctx Question: q. Answer:" in squad.prompt
     with pytest.raises(DownstreamDataError, match="hf: none of the fields \\['output', 'passage', 'context'\\]"):
         make_example("qa", {"question": "q", "answer": ["x"]}, "hf")
+
+
+# -- NLI and QA: parseable answers and likelihood scores beside the reference score --------------------------------
+def manual_answer_nll(model, tok, prompt, answer):
+    """Length-normalised NLL of " " + answer after the prompt: one forward over prompt + answer, log-softmax by hand."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    a = tok(" " + answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([p + a])).logits[0].double()
+    rows = logits[len(p) - 1 : len(p) - 1 + len(a)]
+    logz = torch.log(torch.exp(rows - rows.max(-1, keepdim=True).values).sum(-1)) + rows.max(-1).values
+    return float((logz - rows[torch.arange(len(a)), torch.tensor(a)]).mean())
+
+
+NLI_RECORDS = [("The tower is in Paris.", "The tower is in France.", "entailment"),
+               ("Michael Jordan plays basketball.", "Jordan plays football.", "not_entailment"),
+               ("Toyota is a company headquartered in Japan.", "Toyota is Japanese.", "entailment"),
+               ("The capital of Italy is Rome.", "Rome is in Japan.", "not_entailment"),
+               ("Apple was founded by Steve Jobs.", "Steve Jobs founded Apple.", "entailment")]
+
+
+def test_nli_values_match_an_independent_computation(tiny_model):
+    model, tok = tiny_model
+    exs = [make_example("nli", {"sentence1": a, "sentence2": b, "label": lab}, "t") for a, b, lab in NLI_RECORDS]
+    m = new_task_metric("nli")
+    update_task_metric(m, "nli", model, tok, exs[:2], batch_size=2)  # two shards, one metric: states add up
+    update_task_metric(m, "nli", model, tok, exs[2:], batch_size=2)
+    got = task_values("nli", m.compute())
+
+    gens = generate(model, tok, [e.prompt for e in exs], max_new_tokens=1)
+    answers = [parse_true_false(g) for g in gens]
+    correct = [a is e.target for a, e in zip(answers, exs)]
+    likelier_true = [manual_answer_nll(model, tok, e.prompt, "True") < manual_answer_nll(model, tok, e.prompt, "False")
+                     for e in exs]
+    assert list(got)[0] == "nli" and got["nli"] == pytest.approx(sum(correct) / 5)
+    assert got["nli_n"] == 5 and got["nli_correct"] == sum(correct)
+    assert got["nli_parseable"] == sum(a is not None for a in answers)
+    assert got["nli_likelihood"] == pytest.approx(sum(t == e.target for t, e in zip(likelier_true, exs)) / 5)
+    assert ("nli_accuracy_parseable" in got) == (got["nli_parseable"] > 0)
+
+
+def test_qa_values_match_an_independent_computation(tiny_model):
+    model, tok = tiny_model
+    recs = [("Where is the Eiffel Tower?", ["Paris", "the city of Paris"], "The Eiffel Tower is in Paris."),
+            ("Who founded Apple?", ["Steve Jobs"], "Apple was founded by Steve Jobs."),
+            ("What does Jordan play?", ["basketball", " "], "Michael Jordan plays the sport of basketball.")]
+    exs = [make_example("qa", {"question": q, "answer": a, "output": [p]}, "t") for q, a, p in recs]
+    m = new_task_metric("qa")
+    update_task_metric(m, "qa", model, tok, exs, batch_size=2)
+    got = task_values("qa", m.compute())
+
+    gens = generate(model, tok, [e.prompt for e in exs], max_new_tokens=20)
+    gold = [min(manual_answer_nll(model, tok, e.prompt, a) for a in e.target if a.strip()) for e in exs]
+    assert got["qa_n"] == 3 and got["qa"] == pytest.approx(sum(qa_exact_match(g, e.target) for g, e in zip(gens, exs))
+                                                           / 3)
+    assert got["qa_parseable"] == sum(bool(normalize_answer(g)) for g in gens)
+    assert got["qa_gold_nll"] == pytest.approx(sum(gold) / 3, rel=1e-5)
+
+
+def test_gold_nll_cuts_long_prompts_from_the_left(tiny_llama, tiny_tokenizer):
+    """A prompt longer than the budget is scored on its last tokens, as generation sees it."""
+    model, tok = tiny_llama, tiny_tokenizer
+    ex = make_example("qa", {"question": "Who founded Apple?", "answer": ["Steve Jobs"],
+                             "output": [" ".join(["The Eiffel Tower is located in the city of Paris."] * 6)]}, "t")
+    n_answer = len(tok(" Steve Jobs", add_special_tokens=False)["input_ids"])
+    cut = fit_prompt(tok, ex.prompt, 40 - n_answer)
+    assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= 40 - n_answer + 1 and ex.prompt.endswith(cut[-30:])
+    assert float(gold_answer_nll(model, tok, [ex], max_length=40)[0]) == pytest.approx(
+        manual_answer_nll(model, tok, cut, "Steve Jobs"), rel=1e-5)
+
+
+def test_nli_and_qa_metrics_by_hand_and_across_shards():
+    nli = NLIAccuracy()
+    nli.update([True, False, False, False], [True, True, False, False], [True, True, False, True])
+    assert task_values("nli", nli.compute()) == {"nli": 0.25, "nli_correct": 1.0, "nli_n": 4.0, "nli_parseable": 2.0,
+                                                 "nli_accuracy_parseable": 0.5, "nli_likelihood": 0.75}
+    a, b = NLIAccuracy(), NLIAccuracy()
+    a.update([True], [True], [True])
+    b.update([False, False, False], [True, False, False], [True, False, True])
+    a.merge_state(b)  # the states' reduce functions, as a multi-rank sync applies them
+    assert task_values("nli", a.compute()) == task_values("nli", nli.compute())
+
+    qa = QAAccuracy()
+    qa.update([True, False, False], [True, True, False], [0.5, float("nan"), 2.5])
+    assert task_values("qa", qa.compute()) == {"qa": pytest.approx(1 / 3), "qa_correct": 1.0, "qa_n": 3.0,
+                                               "qa_parseable": 2.0, "qa_accuracy_parseable": 0.5, "qa_gold_nll": 1.5}
+    none = NLIAccuracy()
+    none.update([False], [False], [True])
+    assert "nli_accuracy_parseable" not in task_values("nli", none.compute())  # nothing parsed: no such rate
+    with pytest.raises(ValueError, match="NLIAccuracy: 1 parsed flags for 2 examples"):
+        NLIAccuracy().update([True, False], [True], [True, True])
+    with pytest.raises(ValueError, match="QAAccuracy: 1 gold-answer NLLs for 2 examples"):
+        QAAccuracy().update([True, False], [True, True], [0.1])
+
+
+def test_every_task_reports_its_count(tiny_llama, tiny_tokenizer):
+    model, tok = tiny_llama, tiny_tokenizer
+    data = {"reasoning": [make_example("reasoning", {"question": "q", "answer": "1 + 1 #### 2"}, "t")] * 3,
+            "summarization": [make_example("summarization", {"dialogue": "A: hi", "summary": "A greets."}, "t")] * 2,
+            "perplexity": ["The capital of Italy is Rome.", "Apple was founded by Steve Jobs.", "Rome."]}
+    for task, exs in data.items():
+        m = new_task_metric(task)
+        update_task_metric(m, task, model, tok, exs, max_new_tokens=2)
+        got = task_values(task, m.compute())
+        assert list(got)[0] == task and got[f"{task}_n"] == len(exs), task
+    s, n = text_nll(model, tok, data["perplexity"])
+    assert got["perplexity"] == pytest.approx(math.exp(s / n)) and got["perplexity_tokens"] == n
+
+
+def _nli_qa_rank(rank: int, port: int, shards: list, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        nli, qa = NLIAccuracy(), QAAccuracy()
+        nli.update(*shards[rank][0])
+        qa.update(*shards[rank][1])
+        torch.save({**task_values("nli", nli.compute()), **task_values("qa", qa.compute())},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nli_and_qa_reduce_over_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    nli = ([True, False, True, False, False], [True, True, True, False, False], [True, False, True, True, False])
+    qa = ([True, False, False], [True, True, False], [0.5, float("nan"), 2.0])
+    shards = [([x[:1] for x in nli], [x[:2] for x in qa]), ([x[1:] for x in nli], [x[2:] for x in qa])]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_nli_qa_rank, args=(port, shards, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    single_nli, single_qa = NLIAccuracy(), QAAccuracy()
+    single_nli.update(*nli)
+    single_qa.update(*qa)
+    want = {**task_values("nli", single_nli.compute()), **task_values("qa", single_qa.compute())}
+    assert want["nli_parseable"] == 3 and want["qa_gold_nll"] == 1.25
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == pytest.approx(want)

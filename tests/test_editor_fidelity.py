@@ -87,7 +87,7 @@ def test_original_keys_write_v_star_at_k0_and_overshoot_by_one_over_rho(tiny_mod
     kbar = independent_key(model, tok, module, REQ, TEMPLATES)
     ed, up, C = rome_edit(model, tok, "original")
     info = ed.last_info[0]
-    assert up.rank == 1 and info["key_mode"] == "original" and ed.hparams(model)["key_mode"] == "original"
+    assert up.rank == 1 and info["key_mode"] == "original" and ed.hparams(model).key_mode == "original"
     v_star = info["v_star"].double()
     u = torch.linalg.solve(C, kbar)
     rho = (u @ k0) / (u @ kbar)
@@ -107,7 +107,7 @@ def test_averaged_keys_write_v_star_at_kbar(tiny_model):
     module = rewrite_name(model, 1)
     kbar = independent_key(model, tok, module, REQ, TEMPLATES)
     ed, up, _ = rome_edit(model, tok, "averaged")
-    assert ed.last_info[0]["key_mode"] == "averaged" and ROME().hparams(model)["key_mode"] == "averaged"
+    assert ed.last_info[0]["key_mode"] == "averaged" and ROME().hparams(model).key_mode == "averaged"
     v_star = ed.last_info[0]["v_star"].double()
     torch.testing.assert_close(delta_times(model, up, kbar), v_star - module_out(model, module, kbar),
                                rtol=1e-4, atol=1e-5)
@@ -184,5 +184,5 @@ def test_memit_lambda_follows_the_key_dimension(tiny_model):
     d_k = model.config.intermediate_size if model.config.model_type == "llama" else 4 * model.config.n_embd
     assert presets.mlp_dim(model) == d_k
     with pytest.warns(UserWarning, match="no hyper-parameter preset"):
-        lam = MEMIT().hparams(model)["mom2_update_weight"]
+        lam = MEMIT().hparams(model).mom2_update_weight
     assert lam == pytest.approx(1500.0 * d_k / 1536)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lit_prune.editors import FT, MEMIT, ROME, EditError, LowRankUpdate, apply_updates, presets
-from lit_prune.editors.compute_v import DeltaForward, DeltaHParams, optimize_delta
+from lit_prune.editors.compute_v import optimize_delta
+from lit_prune.editors.delta_forward import DeltaForward
+from lit_prune.editors.hparams import DeltaHParams
 from lit_prune.editors.ft import dense_as_low_rank
 from lit_prune.editors.memit import memit_key_solve
 from lit_prune.editors.tokens import CONTEXT_TEMPLATES, generate_context_templates, prompt_set
@@ -277,7 +279,7 @@ def test_presets_by_name_and_shape():
 
 def test_resolved_hparams_and_overrides(tiny_gpt2):
     hp = ROME(v_lr=0.1).hparams(tiny_gpt2)
-    assert hp["v_lr"] == 0.1 and len(hp["layers"]) == 1 and hp["mom2_adjustment"] is True
+    assert hp.v_lr == 0.1 and len(hp.layers) == 1 and hp.mom2_adjustment is True
     arch = presets.arch_templates(tiny_gpt2, rewrite_module_tmp="transformer.h.{}.mlp.c_fc")
     assert arch.rewrite_module_tmp == "transformer.h.{}.mlp.c_fc" and arch.ln_f_module == "transformer.ln_f"
     assert ROME(layers=[2]).edited_parameters(tiny_gpt2) == ["transformer.h.2.mlp.c_proj.weight"]

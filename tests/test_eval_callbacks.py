@@ -18,8 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_prune import EditDataModule, SequentialEditingModule
 from lit_prune.callbacks import DownstreamEvalCallback, EditMetricsCallback
 from lit_prune.editors.base import apply_updates
-from lit_prune.metrics.downstream import DownstreamDataError, text_nll
+from lit_prune.metrics.downstream import text_nll
 from lit_prune.metrics.editing import EditScores, neighborhood_predictions, request_case_values, score_requests
+from lit_prune.metrics.tasks import DownstreamDataError
 from lit_prune.models import load_model, load_texts
 from lit_prune.requests import EditRequest
 
@@ -163,7 +164,8 @@ def test_without_known_requests_pre_predictions_come_per_batch(tmp_path, model_d
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, callbacks=[cb],
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                         default_root_dir=tmp_path)
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
+    with pytest.warns(UserWarning, match="EditMetricsCallback: the run's requests are not known in advance"):
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
     assert not any(k.startswith("baseline/") for k in cb.final_metrics)
     assert {"immediate/locality", "retention/locality"} <= set(cb.final_metrics)
     model, tok = load_model(model_dir)  # the ZsRE requests are in the second batch: predictions after edit 2

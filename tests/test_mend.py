@@ -14,10 +14,11 @@ from editing_helpers import toy_requests
 
 from lit_prune.editors.base import EditError, apply_updates
 from lit_prune.editors.mend import MEND, model_info, save_hypernetwork
-from lit_prune.editors.mend_factors import default_mend_parameters, factor_dims, gradient_factors, orientation
-from lit_prune.editors.mend_hypernet import MENDHypernetwork
-from lit_prune.mend_training import MENDDataModule, MENDTrainingModule, main, pair_locality
+from lit_prune.editors.mend.factors import default_mend_parameters, factor_dims, gradient_factors, orientation
+from lit_prune.editors.mend.hypernet import MENDHypernetwork
+from lit_prune.editors.mend.training import MENDDataModule, MENDTrainingModule, main, pair_locality
 from lit_prune.requests import EditRequest
+from lit_prune.restraint import prune_delta, sigma_max
 
 REQUESTS = [
     EditRequest("The city of {} is in", "Paris", "Japan", "France", paraphrase_prompts=["Paris lies in"],
@@ -263,7 +264,7 @@ def test_fit_checkpoints_hold_only_the_hypernetwork(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("name", ["mend_train_smollm2.yaml", "mend_train_gpt2xl.yaml"])
 def test_configs_parse(name, data_dir, monkeypatch, tmp_path):
     """Each shipped MEND config builds its trainer, module and data module (the model loads lazily)."""
-    import lit_prune.mend_training as mt
+    import lit_prune.editors.mend.training as mt
 
     built = {}
     monkeypatch.setattr(mt.L.Trainer, "fit", lambda self, model, datamodule=None, ckpt_path=None: built.update(m=model, d=datamodule))
@@ -320,3 +321,18 @@ def test_sequential_mend_editing_with_prune_from_train_py(tmp_path, tiny_tokeniz
     original = make_llama(tiny_tokenizer)
     changed = [p for p, w in original.named_parameters() if not torch.equal(w, edited.get_parameter(p))]
     assert changed and set(changed) <= set(saved_hypernet[0].params)
+    # PRUNE acted: the exported weights are W0 + F(ΔW) of the unrestrained ΔW of the same edits (replayed without
+    # PRUNE), and F changed it, i.e. some σ(ΔW) reached τ = σ_max(W0)
+    replay, editor = make_llama(tiny_tokenizer), MEND(str(ckpt))
+    for r in toy_requests(4):
+        editor.apply(replay, tiny_tokenizer, [r])
+    restrained = []
+    for p in saved_hypernet[0].params:
+        W0 = original.get_parameter(p).detach()
+        dW = replay.get_parameter(p).detach() - W0
+        F_dW = prune_delta(dW, sigma_max(W0), alpha=1.2)
+        # (the callback restrains by the low-rank path, prune_delta densely: float32 rounding of a ΔW up to 1e4)
+        assert float((edited.get_parameter(p).detach() - W0 - F_dW).norm() / F_dW.norm()) < 1e-4, p
+        if not torch.allclose(F_dW, dW, rtol=1e-3, atol=1e-5):
+            restrained.append(p)
+    assert restrained, "no edited matrix reached τ: the test would pass without PRUNE"

@@ -123,6 +123,7 @@ def test_empty_answer_is_rejected(tiny_llama, tiny_tokenizer):
 
 
 # -- the Metric classes on hand-made numbers ---------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric CaseMean was called before the ``update``")
 def test_case_mean_metrics_by_hand():
     nll_new = torch.tensor([1.0, 2.0, 3.0, 0.5])
     nll_true = torch.tensor([2.0, 1.0, 4.0, 0.2])
@@ -310,3 +311,22 @@ def test_two_process_gloo_reduction_equals_single_process(tmp_path):
         assert set(out[rank]) == set(want)
         for k, v in want.items():
             assert math.isclose(out[rank][k], v, rel_tol=1e-9), (rank, k)
+
+
+def test_edit_scores_is_a_collection_of_case_means():
+    from torchmetrics import MetricCollection
+
+    vals = {"efficacy": torch.tensor([1.0, 0.0, 1.0]), "locality_magnitude": torch.tensor([0.25, -0.5])}
+    scores = EditScores()
+    scores.update(vals)
+    assert isinstance(scores, MetricCollection) and set(scores.keys()) == set(KEYS)
+    assert all(type(m) is CaseMean for m in scores.values())
+    assert {k: float(v) for k, v in scores.compute().items()} == {"efficacy": 2 / 3, "locality_magnitude": -0.125}
+    sums = scores.sums()
+    assert sums["efficacy_total"] == 2.0 and sums["efficacy_cases"] == 3.0 and sums["locality_cases"] == 0.0
+    restored = EditScores()
+    restored.update({})  # nothing: as a resumed run's first batch of an empty shard
+    restored.load_sums(sums)
+    assert {k: float(v) for k, v in restored.compute().items()} == {k: float(v) for k, v in scores.compute().items()}
+    with pytest.raises(KeyError, match="EditScores: unknown score 'fluency'; known: efficacy, generalization"):
+        scores.update({"fluency": torch.ones(1)})

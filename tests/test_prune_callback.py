@@ -197,7 +197,7 @@ def simulate_fake(W0: torch.Tensor, steps: int, mode: str, every: int, alpha: fl
 
 
 def close(a, b, tol=2e-5):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
     return float((a - b).norm() / b.norm()) < tol
 
 

@@ -19,7 +19,6 @@ presets) is MEMIT's.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from ..requests import EditRequest
 from ..stats import model_key
 from .base import Updates
+from .hparams import AlphaEditHParams
 from .memit import MEMIT
 
 
@@ -59,12 +59,11 @@ class AlphaEdit(MEMIT):
     Batch-sequential: every :meth:`compute` adds its batch's keys to those the next batches must preserve.
     """
 
+    hparams_class = AlphaEditHParams
+
     def __init__(self, *args: Any, nullspace_threshold: float = 2e-2, L2: float = 10.0, **kwargs: Any) -> None:
-        for name, v in (("nullspace_threshold", nullspace_threshold), ("L2", L2)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"AlphaEdit: {name} must be a finite number > 0, got {v!r}")
         super().__init__(*args, **kwargs)
-        self.nullspace_threshold, self.L2 = float(nullspace_threshold), float(L2)
+        self._add_hparams(nullspace_threshold=nullspace_threshold, L2=L2)
         self._basis: dict[tuple, Tensor] = {}
         self.edited_keys: list[dict[str, Tensor]] = []
         """One entry per computed batch: edited module -> its keys K (k_dim, n), float32, CPU."""
@@ -73,7 +72,8 @@ class AlphaEdit(MEMIT):
         """U₀ of ``module`` (cached on this instance, per model)."""
         key = (model_key(model), module)
         if key not in self._basis:
-            self._basis[key] = null_space_basis(self.second_moment(model, tok, module), self.nullspace_threshold)
+            self._basis[key] = null_space_basis(self.second_moment(model, tok, module),
+                                                float(self.hparams(model).nullspace_threshold))
         return self._basis[key]
 
     def previous_keys(self, module: str) -> Tensor | None:
@@ -82,12 +82,16 @@ class AlphaEdit(MEMIT):
         return torch.cat(ks, 1) if ks else None
 
     def key_solve(self, model: nn.Module, tok: Any, module: str, K: Tensor, lam: float) -> Tensor:
-        return alphaedit_key_solve(self.projector_basis(model, tok, module), K, self.previous_keys(module), self.L2)
+        return alphaedit_key_solve(self.projector_basis(model, tok, module), K, self.previous_keys(module),
+                                   float(self.hparams(model).L2))
 
-    def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]) -> Updates:
-        """MEMIT's compute with AlphaEdit's update; records the batch's keys (see :meth:`forget`)."""
+    def compute_from_targets(self, model: nn.Module, tokenizer: Any,
+                             requests: Sequence[EditRequest | Mapping[str, Any]], targets: Tensor,
+                             _checked: Any = None) -> Updates:
+        """MEMIT's update from the targets with AlphaEdit's key solve; records the batch's keys (see :meth:`forget`).
+        :meth:`compute` (MEMIT's) goes through here."""
         self.last_keys = {}
-        updates = super().compute(model, tokenizer, requests)
+        updates = super().compute_from_targets(model, tokenizer, requests, targets, _checked)
         self.edited_keys.append({m: K.float().cpu() for m, K in self.last_keys.items()})
         return updates
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..requests import EditRequest
 from .base import LowRankUpdate, Updates
-from .locate import LocateEditor
+from .hparams import FTHParams
+from .locate import LocateEditor, constructor_arguments
 from .tokens import fill, pad_id, pad_right, subject_last_token, target_ids
 
 
@@ -42,6 +43,7 @@ class FT(LocateEditor):
     """
 
     method = "ft"
+    hparams_class = FTHParams
 
     def __init__(
         self,
@@ -54,14 +56,7 @@ class FT(LocateEditor):
         layers_module: str | None = None,
         progress: bool = True,
     ) -> None:
-        for k, v in dict(num_steps=num_steps, lr=lr, norm_constraint=norm_constraint).items():
-            if v is not None and not v > 0:
-                raise ValueError(f"FT: {k} must be > 0, got {v!r}")
-        super().__init__(
-            dict(layers=layers, num_steps=num_steps, lr=lr, norm_constraint=norm_constraint,
-                 early_stop_loss=early_stop_loss),
-            rewrite_module_tmp=rewrite_module_tmp, layers_module=layers_module, progress=progress,
-        )
+        super().__init__(**constructor_arguments(locals()))
         self.last_info: dict[str, Any] = {}
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
@@ -99,20 +94,20 @@ class FT(LocateEditor):
                 return out + extra.to(out.dtype)
 
             handles.append(m.module.register_forward_hook(hook))
-        opt = torch.optim.Adam(list(deltas.values()), lr=hp["lr"])
-        eps = hp.get("norm_constraint")
+        opt = torch.optim.Adam(list(deltas.values()), lr=hp.lr)
+        eps = hp.norm_constraint
         losses: list[float] = []
         t0 = time.perf_counter()
         try:
             with torch.enable_grad():
-                for _ in range(hp["num_steps"]):
+                for _ in range(hp.num_steps):
                     opt.zero_grad()
                     logits = model(input_ids=x, attention_mask=mask, use_cache=False).logits
                     logp = F.log_softmax(logits[rows_t, cols_t].float(), -1).gather(1, tgt_t[:, None])[:, 0]
                     per_req = torch.zeros(len(reqs), device=device).index_add(0, own_t, -logp) / n_tok
                     loss = per_req.mean()
                     losses.append(loss.item())
-                    if loss.item() < hp["early_stop_loss"]:
+                    if loss.item() < hp.early_stop_loss:
                         break
                     loss.backward()
                     opt.step()

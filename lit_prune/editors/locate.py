@@ -1,5 +1,6 @@
-"""What ROME, MEMIT and FT share: hyper-parameter/preset resolution, module templates, request checks, context
-templates and the per-instance cache of second-moment statistics and their factorisations."""
+"""What ROME, MEMIT, AlphaEdit and FT share: the constructor, the resolved hyper-parameters
+(:mod:`~lit_prune.editors.hparams`) and module templates, request checks, context templates, the per-instance
+second-moment statistics (:class:`~lit_prune.stats.SecondMomentCache`), the fast-path check and weight restore."""
 
 from __future__ import annotations
 
@@ -10,27 +11,39 @@ import torch
 from torch import Tensor, nn
 
 from ..requests import EditRequest
-from ..stats import model_key, second_moments
+from ..stats import SecondMomentCache, model_key, second_moments
 from .base import EditError, Editor, LowRankUpdate, Updates
-from .compute_v import fast_path_matches
-from .presets import ArchTemplates, arch_templates, resolve_hparams
+from .delta_forward import fast_path_matches
+from .hparams import HParams
+from .architectures import ArchTemplates, arch_templates
+from .presets import resolve_hparams
 from .tokens import CONTEXT_TEMPLATES, PromptSet, generate_context_templates, pad_id, validate_request
 from .weights import EditedMatrix
 
 
+def constructor_arguments(frame: Mapping[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments from its ``locals()`` (taken first thing), without ``self`` and ``__class__``."""
+    return {k: v for k, v in frame.items() if k not in ("self", "__class__")}
+
+
 class LocateEditor(Editor):
-    """Base of the editors that rewrite MLP output matrices (ROME, MEMIT, FT). Not used directly.
+    """Base of the editors that rewrite MLP output matrices (ROME, MEMIT, AlphaEdit, FT). Not used directly.
 
     Hyper-parameters given as None take the preset of the model being edited (:mod:`lit_prune.editors.presets`);
     module templates given as None take the architecture's. Everything cached (context templates, statistics,
     Cholesky factors, the fast-path check) lives on the instance, keyed by the model's cache name.
+
+    A subclass names its method (``method``: the preset key) and its hyper-parameter class (``hparams_class``,
+    :mod:`lit_prune.editors.hparams`), writes its constructor's signature (what configs and ``--print_config``
+    see) and passes its arguments on with ``super().__init__(**constructor_arguments(locals()))``.
     """
 
     method = ""
+    hparams_class: type[HParams] = HParams
 
     def __init__(
         self,
-        hparams: Mapping[str, Any],
+        *,
         rewrite_module_tmp: str | None = None,
         mlp_module_tmp: str | None = None,
         layer_module_tmp: str | None = None,
@@ -42,7 +55,14 @@ class LocateEditor(Editor):
         stats_dir: str | None = None,
         fast: bool = True,
         progress: bool = True,
+        **hparams: Any,
     ) -> None:
+        """``hparams``: this method's hyper-parameters (fields of ``hparams_class``; None = the model's preset),
+        checked here (``ValueError`` naming the argument); the other arguments as in :class:`ROME`."""
+        unknown = sorted(set(hparams) - set(self.hparams_class.field_names()))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown hyper-parameter(s) {unknown}")
+        self.hparams_class.check(type(self).__name__, hparams)
         self._given = dict(hparams)
         self._arch_overrides = dict(
             rewrite_module_tmp=rewrite_module_tmp, mlp_module_tmp=mlp_module_tmp, layer_module_tmp=layer_module_tmp,
@@ -54,11 +74,16 @@ class LocateEditor(Editor):
                 raise EditError(f"{type(self).__name__}: context_templates must be strings ending in one '{{}}', got {bad or context_templates}")
         self.context_templates_given = context_templates
         self.mom2_dataset, self.stats_dir, self.fast, self.progress = mom2_dataset, stats_dir, fast, progress
-        self._hparams: dict[str, dict[str, Any]] = {}
+        self._hparams: dict[str, HParams] = {}
         self._templates: dict[str, list[str]] = {}
-        self._mom2: dict[tuple, Tensor] = {}
-        self._factor: dict[tuple, tuple[str, Tensor, Tensor | None]] = {}
+        self._moments = SecondMomentCache()
         self._fast_ok: dict[tuple, bool] = {}
+
+    def _add_hparams(self, **values: Any) -> None:
+        """Record more hyper-parameters given to a subclass's constructor (checked like the others)."""
+        self.hparams_class.check(type(self).__name__, values)
+        self._given.update(values)
+        self._hparams.clear()
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer: Any, **overrides: Any) -> "LocateEditor":
@@ -68,12 +93,13 @@ class LocateEditor(Editor):
         return editor
 
     # -- configuration -------------------------------------------------------------------------------------------
-    def hparams(self, model: nn.Module) -> dict[str, Any]:
-        """The resolved hyper-parameters for ``model`` (preset <- constructor arguments), resolved once per model."""
+    def hparams(self, model: nn.Module) -> HParams:
+        """The resolved hyper-parameters for ``model`` (an instance of ``hparams_class``: defaults <- preset <-
+        constructor arguments), resolved once per model."""
         key = model_key(model)
         if key not in self._hparams:
-            self._hparams[key] = resolve_hparams(model, self.method, self._given)
-        return dict(self._hparams[key])
+            self._hparams[key] = resolve_hparams(model, self.method, self._given, self.hparams_class)
+        return self._hparams[key]
 
     def arch(self, model: nn.Module) -> ArchTemplates:
         return arch_templates(model, **self._arch_overrides)
@@ -81,14 +107,14 @@ class LocateEditor(Editor):
     def modules(self, model: nn.Module) -> list[str]:
         """Names of the edited modules (MLP output projections), ascending layer."""
         arch, hp = self.arch(model), self.hparams(model)
-        return [arch.rewrite_module_tmp.format(layer) for layer in sorted(hp["layers"])]
+        return [arch.rewrite_module_tmp.format(layer) for layer in sorted(hp.layers)]
 
     def edited_parameters(self, model: nn.Module) -> list[str]:
         return [f"{m}.weight" for m in self.modules(model)]
 
     def matrices(self, model: nn.Module) -> dict[int, EditedMatrix]:
         arch, hp = self.arch(model), self.hparams(model)
-        return {layer: EditedMatrix(model, arch.rewrite_module_tmp.format(layer)) for layer in sorted(hp["layers"])}
+        return {layer: EditedMatrix(model, arch.rewrite_module_tmp.format(layer)) for layer in sorted(hp.layers)}
 
     # -- requests --------------------------------------------------------------------------------------------------
     @staticmethod
@@ -111,7 +137,7 @@ class LocateEditor(Editor):
         per model for this instance); else the fixed :data:`~lit_prune.editors.tokens.CONTEXT_TEMPLATES`."""
         if self.context_templates_given is not None:
             return list(self.context_templates_given)
-        lengths = self.hparams(model).get("context_template_lengths")
+        lengths = self.hparams(model).context_template_lengths
         if not lengths:
             return list(CONTEXT_TEMPLATES)
         key = model_key(model)
@@ -122,7 +148,7 @@ class LocateEditor(Editor):
     # -- statistics ----------------------------------------------------------------------------------------------
     def _stats_key(self, model: nn.Module, module: str) -> tuple:
         hp = self.hparams(model)
-        return (model_key(model), module, self.mom2_dataset, hp["mom2_n_samples"], hp["mom2_max_length"])
+        return (model_key(model), module, self.mom2_dataset, hp.mom2_n_samples, hp.mom2_max_length)
 
     def set_second_moment(self, model: nn.Module, layer: int, C: Tensor) -> None:
         """Use ``C`` (k_dim × k_dim, E[k kᵀ]) for ``layer`` of ``model`` instead of computed/cached statistics."""
@@ -131,48 +157,37 @@ class LocateEditor(Editor):
         if tuple(C.shape) != (k_dim, k_dim):
             raise EditError(f"set_second_moment: '{module}' needs a ({k_dim}, {k_dim}) matrix, got {tuple(C.shape)}")
         key = self._stats_key(model, module)
-        self._mom2[key] = C.detach().to(device=next(model.parameters()).device, dtype=torch.float64)
-        self._factor.pop(key, None)
+        self._moments[key] = C.detach().to(device=next(model.parameters()).device, dtype=torch.float64)
 
     def load_stats(self, model: nn.Module, tok: Any) -> None:
         """Load (or compute in one pass, then cache on disk) C for every edited layer not yet held."""
         hp = self.hparams(model)
-        need = [m for m in self.modules(model) if self._stats_key(model, m) not in self._mom2]
+        need = [m for m in self.modules(model) if self._stats_key(model, m) not in self._moments]
         if not need:
             return
         stats = second_moments(
-            model, tok, need, source=self.mom2_dataset, n_samples=hp["mom2_n_samples"],
-            max_length=hp["mom2_max_length"], stats_dir=self.stats_dir, progress=self.progress,
+            model, tok, need, source=self.mom2_dataset, n_samples=hp.mom2_n_samples,
+            max_length=hp.mom2_max_length, stats_dir=self.stats_dir, progress=self.progress,
         )
         device = next(model.parameters()).device
         for m, st in stats.items():
             k_dim = EditedMatrix(model, m).k_dim
             if tuple(st.mom2.shape) != (k_dim, k_dim):
                 raise EditError(f"statistics for '{m}' have shape {tuple(st.mom2.shape)}, expected ({k_dim}, {k_dim})")
-            self._mom2[self._stats_key(model, m)] = st.moment().to(device)
+            self._moments[self._stats_key(model, m)] = st.moment().to(device)
 
     def second_moment(self, model: nn.Module, tok: Any, module: str) -> Tensor:
         """C = E[k kᵀ] of ``module``'s input, float64 on the model's device."""
         key = self._stats_key(model, module)
-        if key not in self._mom2:
+        if key not in self._moments:
             self.load_stats(model, tok)
-        return self._mom2[key]
+        return self._moments[key]
 
     def solve_C(self, model: nn.Module, tok: Any, module: str, rhs: Tensor) -> Tensor:
         """C⁻¹ rhs in float64 (rhs: (k_dim, n)), from a Cholesky factor of C cached on this instance (LU if C is not
-        numerically positive definite)."""
-        key = self._stats_key(model, module)
-        if key not in self._factor:
-            C = self.second_moment(model, tok, module)
-            L, info = torch.linalg.cholesky_ex(C)
-            if int(info) == 0:
-                self._factor[key] = ("cholesky", L, None)
-            else:
-                LU, piv = torch.linalg.lu_factor(C)
-                self._factor[key] = ("lu", LU, piv)
-        kind, f, piv = self._factor[key]
-        rhs = rhs.to(device=f.device, dtype=torch.float64)
-        return torch.cholesky_solve(rhs, f) if kind == "cholesky" else torch.linalg.lu_solve(f, piv, rhs)
+        numerically positive definite; :class:`~lit_prune.stats.SecondMomentCache`)."""
+        self.second_moment(model, tok, module)  # loaded or computed if not held yet
+        return self._moments.solve(self._stats_key(model, module), rhs)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:

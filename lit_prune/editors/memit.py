@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ..requests import EditRequest
-from .base import Updates
+from .base import EditError, Updates
 from .compute_ks import compute_ks, reprs_at_subject
-from .compute_v import DeltaForward, DeltaHParams, optimize_delta
-from .locate import LocateEditor, concat_updates, restored_weights
-from .rome import _check_positive
+from .compute_v import optimize_delta, optimize_deltas
+from .delta_forward import DeltaForward
+from .hparams import MEMITHParams
+from .locate import LocateEditor, concat_updates, constructor_arguments, restored_weights
 from .tokens import pad_id, prompt_set
 
 
@@ -45,10 +46,13 @@ class MEMIT(LocateEditor):
 
     Arguments as :class:`ROME` (None = the model's preset), plus ``mom2_update_weight`` (λ). ``layers`` lists the
     edited layers; δ is optimised on the residual stream after the last of them and clamped to
-    ``clamp_norm_factor`` × its norm.
+    ``clamp_norm_factor`` × its norm. ``batch_z`` (default True): the z of a batch's requests are optimised
+    together, each with its own δ and early stop (same result as one at a time up to float rounding, faster);
+    False: one request at a time. ``z_batch_size`` caps the requests optimised together (memory; None: all).
     """
 
     method = "memit"
+    hparams_class: type[MEMITHParams] = MEMITHParams
 
     def __init__(
         self,
@@ -75,22 +79,18 @@ class MEMIT(LocateEditor):
         stats_dir: str | None = None,
         fast: bool = True,
         progress: bool = True,
+        batch_z: bool = True,
+        z_batch_size: int | None = None,
     ) -> None:
-        _check_positive(type(self).__name__, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr,
-                        clamp_norm_factor=clamp_norm_factor, mom2_n_samples=mom2_n_samples,
-                        mom2_max_length=mom2_max_length, mom2_update_weight=mom2_update_weight)
-        for k, v in dict(v_weight_decay=v_weight_decay, kl_factor=kl_factor, early_stop_loss=early_stop_loss).items():
-            if v is not None and v < 0:
-                raise ValueError(f"{type(self).__name__}: {k} must be >= 0, got {v!r}")
-        super().__init__(
-            dict(layers=layers, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr, v_loss_layer=v_loss_layer,
-                 v_weight_decay=v_weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
-                 early_stop_loss=early_stop_loss, mom2_update_weight=mom2_update_weight,
-                 mom2_n_samples=mom2_n_samples, mom2_max_length=mom2_max_length,
-                 context_template_lengths=context_template_lengths),
-            rewrite_module_tmp, mlp_module_tmp, layer_module_tmp, layers_module, ln_f_module, lm_head_module,
-            context_templates, mom2_dataset, stats_dir, fast, progress,
-        )
+        args = constructor_arguments(locals())
+        self.batch_z = bool(args.pop("batch_z"))
+        """Optimise the z of a batch's requests together (one batched forward/backward per step, identical result up
+        to float rounding; :func:`~lit_prune.editors.compute_v.optimize_deltas`); False: one request at a time."""
+        self.z_batch_size = args.pop("z_batch_size")
+        """At most this many requests per batched z optimisation (memory); None: the whole batch."""
+        if self.z_batch_size is not None and int(self.z_batch_size) < 1:
+            raise ValueError(f"{type(self).__name__}: z_batch_size must be >= 1 or None, got {self.z_batch_size}")
+        super().__init__(**args)
         self.last_keys: dict[str, Tensor] = {}
         """Edited module -> the keys K (k_dim, n), float64, of the latest :meth:`compute`'s batch."""
         self.last_info: list[dict[str, Any]] = []
@@ -103,37 +103,102 @@ class MEMIT(LocateEditor):
         self.load_stats(model, tokenizer)
 
     def compute_zs(self, model: nn.Module, tok: Any, requests: list[EditRequest], templates: list[str]) -> Tensor:
-        """(hidden, n) float64 target residuals z at the last edited layer (records in ``last_info``)."""
+        """(hidden, n) float64 target residuals z at the last edited layer (records in ``last_info``). With
+        ``batch_z`` and several requests the δ of all requests are optimised together (:meth:`compute_zs_batched`)."""
+        if self.batch_z and len(requests) > 1:
+            return self.compute_zs_batched(model, tok, requests, templates)
         hp, arch = self.hparams(model), self.arch(model)
-        z_layer = max(hp["layers"])
+        z_layer = max(hp.layers)
         zs = []
         self.last_info = []
         for i, r in enumerate(requests):
             t0 = time.perf_counter()
             ps = prompt_set(tok, r, templates, where=self.where(i, r))
-            fast = self.use_fast(model, tok, ps, z_layer, "layer", hp["v_loss_layer"])
-            forward = DeltaForward(model, arch, ps, z_layer, "layer", hp["v_loss_layer"], fast, pad_id(tok))
-            res = optimize_delta(forward, DeltaHParams(
-                hp["v_num_grad_steps"], hp["v_lr"], hp["v_weight_decay"], hp["clamp_norm_factor"], hp["kl_factor"],
-                hp["early_stop_loss"]))
+            fast = self.use_fast(model, tok, ps, z_layer, "layer", hp.v_loss_layer)
+            forward = DeltaForward(model, arch, ps, z_layer, "layer", hp.v_loss_layer, fast, pad_id(tok))
+            res = optimize_delta(forward, hp.delta())
             zs.append(res.target.double())
             self.last_info.append({"request": i, "losses": res.losses, "steps": len(res.losses), "fast": fast,
                                    "h": res.v_init, "z": res.target, "seconds": time.perf_counter() - t0})
         return torch.stack(zs, 1)
 
-    def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]) -> Updates:
-        """Updates of every edited layer for the batch ``requests``, computed on the current weights (left as they
-        were). Raises EditRequestError/EditError naming the request before anything is computed."""
+    def compute_zs_batched(self, model: nn.Module, tok: Any, requests: list[EditRequest],
+                           templates: list[str]) -> Tensor:
+        """:meth:`compute_zs` with every request's δ optimised in one batched forward/backward per step
+        (:func:`~lit_prune.editors.compute_v.optimize_deltas`); ``seconds`` in ``last_info`` is the batch's time
+        divided by the number of requests."""
+        hp, arch = self.hparams(model), self.arch(model)
+        z_layer = max(hp.layers)
+        t0 = time.perf_counter()
+        sets = [prompt_set(tok, r, templates, where=self.where(i, r)) for i, r in enumerate(requests)]
+        fast = self.use_fast(model, tok, sets[0], z_layer, "layer", hp.v_loss_layer)
+        chunk = len(sets) if self.z_batch_size is None else int(self.z_batch_size)
+        results = []
+        for a in range(0, len(sets), chunk):
+            part = sets[a: a + chunk]
+            forward = DeltaForward(model, arch, part if len(part) > 1 else part[0], z_layer, "layer",
+                                   hp.v_loss_layer, fast, pad_id(tok))
+            results += optimize_deltas(forward, hp.delta()) if len(part) > 1 else [optimize_delta(forward, hp.delta())]
+        seconds = (time.perf_counter() - t0) / len(requests)
+        self.last_info = [{"request": i, "losses": res.losses, "steps": len(res.losses), "fast": fast,
+                           "h": res.v_init, "z": res.target, "seconds": seconds, "batched": True}
+                          for i, res in enumerate(results)]
+        return torch.stack([res.target.double() for res in results], 1)
+
+    # -- the batch's targets and the closed-form update, separately (rank-shared work: SequentialEditingModule) ----
+    shares_targets = True
+    """:meth:`compute` = :meth:`compute_from_targets` (:meth:`compute_targets`): the per-request targets are
+    independent of each other, so several processes may compute shares of a batch's targets and all solve the same
+    update (``SequentialEditingModule.training_step`` with ``world_size > 1``)."""
+
+    def _checked(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]
+                 ) -> tuple[list[EditRequest], list[str]]:
+        """Validated requests and the context templates; raises EditRequestError/EditError naming the request
+        before anything is computed."""
         reqs = self.check_requests(requests)
-        hp, arch, mats = self.hparams(model), self.arch(model), self.matrices(model)
+        self.matrices(model)
         templates = self.context_templates(model, tokenizer)
         for i, r in enumerate(reqs):  # tokenisation errors (empty target) before any work
             prompt_set(tokenizer, r, templates[:1], where=self.where(i, r))
+        return reqs, templates
+
+    def compute_targets(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]],
+                        indices: Sequence[int] | None = None) -> Tensor:
+        """(hidden, len(indices)) float64 targets z of ``requests[i]`` for i in ``indices`` (default: all),
+        computed on the current weights. Every request of ``requests`` is validated first (same errors as
+        :meth:`compute`, whatever the indices), so processes sharing a batch fail or succeed together."""
+        reqs, templates = self._checked(model, tokenizer, requests)
+        idx = range(len(reqs)) if indices is None else list(indices)
+        if not idx:
+            hidden = model.get_input_embeddings().embedding_dim
+            return torch.zeros(hidden, 0, dtype=torch.float64, device=next(model.parameters()).device)
+        return self.compute_zs(model, tokenizer, [reqs[i] for i in idx], templates)
+
+    def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]) -> Updates:
+        """Updates of every edited layer for the batch ``requests``, computed on the current weights (left as they
+        were). Raises EditRequestError/EditError naming the request before anything is computed."""
+        reqs, templates = self._checked(model, tokenizer, requests)
+        self.load_stats(model, tokenizer)
+        zs = self.compute_zs(model, tokenizer, reqs, templates)
+        return self.compute_from_targets(model, tokenizer, reqs, zs, _checked=(reqs, templates))
+
+    def compute_from_targets(self, model: nn.Module, tokenizer: Any,
+                             requests: Sequence[EditRequest | Mapping[str, Any]], targets: Tensor,
+                             _checked: tuple[list[EditRequest], list[str]] | None = None) -> Updates:
+        """The updates of :meth:`compute` for the batch ``requests`` given their targets z (hidden, n) (from
+        :meth:`compute_targets`, possibly gathered from several processes), on the current weights (left as they
+        were)."""
+        reqs, templates = _checked if _checked is not None else self._checked(model, tokenizer, requests)
+        hp, arch, mats = self.hparams(model), self.arch(model), self.matrices(model)
+        hidden = model.get_input_embeddings().embedding_dim
+        if tuple(targets.shape) != (hidden, len(reqs)):
+            raise EditError(f"{type(self).__name__}.compute_from_targets: targets must be ({hidden}, {len(reqs)}), "
+                            f"got {tuple(targets.shape)}")
         self.load_stats(model, tokenizer)
         layers = sorted(mats)
         z_module = arch.layer_module_tmp.format(layers[-1])
-        zs = self.compute_zs(model, tokenizer, reqs, templates)
-        lam = float(hp["mom2_update_weight"])
+        zs = targets.double()
+        lam = float(hp.mom2_update_weight)
         parts: dict[str, list] = {m.param_name: [] for m in mats.values()}
         with restored_weights(list(mats.values())):
             for i, layer in enumerate(layers):

@@ -1,13 +1,6 @@
-"""Where to edit (module-name templates per architecture) and how (hyper-parameters per model and method).
+"""How to edit: hyper-parameter presets per model and method.
 
-Module templates take the layer index through ``"{}"``. The edited matrix is the MLP output projection; its input is
-the key ``k`` and its output the value ``v`` (spec §3):
-
-- ``gpt2``: ``transformer.h.{}.mlp.c_proj``, a ``Conv1D`` stored (k_dim, v_dim), computing ``k @ W + b``;
-- ``gptj``: ``transformer.h.{}.mlp.fc_out`` (``nn.Linear``, stored (v_dim, k_dim), computing ``W k + b``);
-- ``gpt_neox``: ``gpt_neox.layers.{}.mlp.dense_4h_to_h`` (``nn.Linear``);
-- ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``olmo``, ``olmo2`` (SmolLM2 is ``llama``):
-  ``model.layers.{}.mlp.down_proj`` (``nn.Linear``, no bias).
+Module templates and the architecture table live in :mod:`lit_prune.editors.architectures` (re-exported here).
 
 Hyper-parameter presets (``HPARAMS``) hold the papers' values for gpt2-xl, llama-2-7b and llama-3-8b and values chosen
 for the embedded SmolLM2-135M from ``benchmarks/layer_sweep.py`` (results in ``benchmarks/results/layer_sweep.md``)
@@ -36,90 +29,21 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 
+from .architectures import ARCHITECTURES, ArchTemplates, arch_templates
 from .base import EditError, default_num_layers
+from .hparams import HPARAMS_CLASSES, HParams
 
-
-@dataclass(frozen=True)
-class ArchTemplates:
-    """Module names of one architecture (``"{}"`` = layer index)."""
-
-    rewrite_module_tmp: str
-    """The edited matrix: the MLP output projection (its input is the key k, its output the value v)."""
-    mlp_module_tmp: str
-    """The MLP block; ROME adds δ to its output (spec §3)."""
-    layer_module_tmp: str
-    """The decoder block; its output is the residual stream where MEMIT adds δ (the z of the last edited layer)."""
-    layers_module: str
-    """The ``nn.ModuleList`` holding the decoder blocks, in order."""
-    ln_f_module: str
-    """The final norm (before the LM head)."""
-    lm_head_module: str
-    """The LM head (hidden -> vocabulary logits)."""
-
-
-_LLAMA_LIKE = ArchTemplates(
-    "model.layers.{}.mlp.down_proj", "model.layers.{}.mlp", "model.layers.{}", "model.layers", "model.norm", "lm_head"
-)
-ARCHITECTURES: dict[str, ArchTemplates] = {
-    "gpt2": ArchTemplates(
-        "transformer.h.{}.mlp.c_proj", "transformer.h.{}.mlp", "transformer.h.{}", "transformer.h", "transformer.ln_f",
-        "lm_head",
-    ),
-    "gptj": ArchTemplates(
-        "transformer.h.{}.mlp.fc_out", "transformer.h.{}.mlp", "transformer.h.{}", "transformer.h", "transformer.ln_f",
-        "lm_head",
-    ),
-    "gpt_neox": ArchTemplates(
-        "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}", "gpt_neox.layers",
-        "gpt_neox.final_layer_norm", "embed_out",
-    ),
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2")},
-}
-
-
-def arch_templates(model: nn.Module, **overrides: str | None) -> ArchTemplates:
-    """The templates for ``model.config.model_type``, with any non-None field of ``overrides`` replacing the default.
-
-    An unknown architecture needs every field in ``overrides``; each template is checked against the model (it must
-    name a module for layer 0), so a typo fails here with the names that do exist.
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - {f.name for f in fields(ArchTemplates)}
-    if unknown:
-        raise EditError(f"unknown module template argument(s) {sorted(unknown)}")
-    base = ARCHITECTURES.get(model_type)
-    if base is None:
-        missing = [f.name for f in fields(ArchTemplates) if f.name not in given]
-        if missing:
-            raise EditError(
-                f"no module-name preset for model_type {model_type!r} (known: {sorted(ARCHITECTURES)}); "
-                f"pass {missing} (e.g. rewrite_module_tmp='model.layers.{{}}.mlp.down_proj')"
-            )
-        arch = ArchTemplates(**given)
-    else:
-        arch = replace(base, **given)
-    names = dict(model.named_modules())
-    for f in fields(ArchTemplates):
-        tmp = getattr(arch, f.name)
-        name = tmp.format(0) if "{}" in tmp else tmp
-        if name not in names:
-            stem = name.split(".")[0]
-            near = [n for n in names if n.startswith(stem) and n.count(".") <= name.count(".")][:8]
-            raise EditError(
-                f"module template {f.name}={tmp!r} matches no module of {type(model).__name__} "
-                f"(looked for '{name}'); modules near it: {near}"
-            )
-    return arch
+__all__ = ["ARCHITECTURES", "ArchTemplates", "HPARAMS", "arch_templates", "generic_hparams", "mlp_dim", "preset_name",
+           "resolve_hparams"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Hyper-parameters. Keys per method are the editors' constructor arguments.
+# Hyper-parameter presets. Keys per method are fields of its class in hparams.py (HPARAMS_CLASSES); the
+# fields not given here take that class's defaults.
 _SMOLLM2_135M = {
     # Layer choices from benchmarks/layer_sweep.py (results/layer_sweep.md); statistics sample size from
     # benchmarks/bench_editors.py (results/editors.md).
@@ -161,15 +85,6 @@ HPARAMS: dict[str, dict[str, dict[str, Any]]] = {
         "ft": dict(layers=[21], num_steps=25, lr=5e-4, norm_constraint=5e-4),
     },
 }
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    # Values not given by a preset (ROME/MEMIT code defaults).
-    "rome": dict(v_loss_layer=None, mom2_adjustment=True, mom2_max_length=256, context_template_lengths=None,
-                 early_stop_loss=5e-2, key_mode="averaged"),
-    "memit": dict(v_loss_layer=None, mom2_max_length=256, context_template_lengths=None, early_stop_loss=5e-2),
-    "ft": dict(early_stop_loss=1e-2),
-}
-
 
 def preset_name(model: nn.Module) -> str | None:
     """The ``HPARAMS`` key for ``model``: from its name or path first, then from its config's shape; None if none."""
@@ -234,8 +149,13 @@ def generic_hparams(model: nn.Module, method: str) -> dict[str, Any]:
     return base
 
 
-def resolve_hparams(model: nn.Module, method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Method defaults <- model preset (or :func:`generic_hparams`) <- the non-None entries of ``given``."""
+def resolve_hparams(
+    model: nn.Module, method: str, given: Mapping[str, Any], hparams_class: type[HParams] | None = None
+) -> HParams:
+    """``hparams_class`` (default: the method's, :data:`~lit_prune.editors.hparams.HPARAMS_CLASSES`) filled with its
+    defaults <- the model's ``method`` preset (or :func:`generic_hparams`) <- the non-None entries of ``given``;
+    validated, the layers checked against ``model``."""
+    cls = hparams_class or HPARAMS_CLASSES[method]
     name = preset_name(model)
     if name is not None:
         preset = HPARAMS[name][method]
@@ -248,17 +168,10 @@ def resolve_hparams(model: nn.Module, method: str, given: dict[str, Any]) -> dic
                 "(scaled from the SmolLM2-135M preset). Pass layers=... etc. to choose.",
                 stacklevel=3,
             )
-    out = copy.deepcopy({**DEFAULTS[method], **preset})
+    out = copy.deepcopy(dict(preset))
     out.update({k: copy.deepcopy(v) for k, v in given.items() if v is not None})
     if isinstance(out.get("layers"), int):
         out["layers"] = [out["layers"]]
-    n = _num_layers(model)
-    for layer in out.get("layers") or []:
-        if not isinstance(layer, int) or not 0 <= layer < n:
-            raise EditError(f"{method.upper()}: layers={out['layers']}: layer {layer!r} is outside the model (0..{n - 1})")
-    if not out.get("layers"):
-        raise EditError(f"{method.upper()}: layers must name at least one layer, got {out.get('layers')!r}")
-    vl = out.get("v_loss_layer")
-    if vl is not None and not (isinstance(vl, int) and max(out["layers"]) <= vl < n):
-        raise EditError(f"{method.upper()}: v_loss_layer={vl!r} must be between the last edited layer and {n - 1}")
-    return out
+    hp = cls(**out)
+    hp.check_layers(method.upper(), _num_layers(model))
+    return hp

@@ -33,20 +33,12 @@ from ..requests import EditRequest
 from .base import EditError, Updates
 from .compute_ks import compute_k0, compute_ks
 from .compute_u import compute_u
-from .compute_v import DeltaForward, DeltaHParams, optimize_delta
-from .locate import LocateEditor, concat_updates, restored_weights
+from .compute_v import optimize_delta
+from .delta_forward import DeltaForward
+from .hparams import ROMEHParams
+from .locate import LocateEditor, concat_updates, constructor_arguments, restored_weights
 from .tokens import PromptSet, pad_id, prompt_set
 from .weights import EditedMatrix
-
-
-KEY_MODES = ("averaged", "original")
-"""ROME's key choices (see the module docstring)."""
-
-
-def _check_positive(owner: str, **values: Any) -> None:
-    for k, v in values.items():
-        if v is not None and not v > 0:
-            raise ValueError(f"{owner}: {k} must be > 0, got {v!r}")
 
 
 class ROME(LocateEditor):
@@ -69,6 +61,7 @@ class ROME(LocateEditor):
     """
 
     method = "rome"
+    hparams_class = ROMEHParams
 
     def __init__(
         self,
@@ -97,30 +90,14 @@ class ROME(LocateEditor):
         progress: bool = True,
         key_mode: Literal["averaged", "original"] = "averaged",
     ) -> None:
-        if key_mode not in KEY_MODES:
-            raise ValueError(f"{type(self).__name__}: key_mode must be one of {KEY_MODES}, got {key_mode!r}")
-        _check_positive(type(self).__name__, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr,
-                        clamp_norm_factor=clamp_norm_factor, mom2_n_samples=mom2_n_samples,
-                        mom2_max_length=mom2_max_length)
-        for k, v in dict(v_weight_decay=v_weight_decay, kl_factor=kl_factor, early_stop_loss=early_stop_loss).items():
-            if v is not None and v < 0:
-                raise ValueError(f"{type(self).__name__}: {k} must be >= 0, got {v!r}")
-        super().__init__(
-            dict(layers=layers, v_num_grad_steps=v_num_grad_steps, v_lr=v_lr, v_loss_layer=v_loss_layer,
-                 v_weight_decay=v_weight_decay, clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor,
-                 early_stop_loss=early_stop_loss, mom2_adjustment=mom2_adjustment, mom2_n_samples=mom2_n_samples,
-                 mom2_max_length=mom2_max_length, context_template_lengths=context_template_lengths,
-                 key_mode=key_mode),
-            rewrite_module_tmp, mlp_module_tmp, layer_module_tmp, layers_module, ln_f_module, lm_head_module,
-            context_templates, mom2_dataset, stats_dir, fast, progress,
-        )
+        super().__init__(**constructor_arguments(locals()))
         self.last_info: list[dict[str, Any]] = []
         """One record per (request, layer) of the latest :meth:`compute`: loss curve, steps, seconds, fast path, the keys
         ``k_star`` (k̄) and ``k0`` (k₀), ``rho`` = uᵀk₀ / uᵀk̄, ``v_star`` (v*) and ``key_mode``."""
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         super().prepare(model, tokenizer)
-        if self.hparams(model)["mom2_adjustment"]:
+        if self.hparams(model).mom2_adjustment:
             self.load_stats(model, tokenizer)
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest | Mapping[str, Any]]) -> Updates:
@@ -130,7 +107,7 @@ class ROME(LocateEditor):
         hp, mats = self.hparams(model), self.matrices(model)
         templates = self.context_templates(model, tokenizer)
         sets = [prompt_set(tokenizer, r, templates, where=self.where(i, r)) for i, r in enumerate(reqs)]
-        if hp["mom2_adjustment"]:
+        if hp.mom2_adjustment:
             self.load_stats(model, tokenizer)
         parts: dict[str, list] = {m.param_name: [] for m in mats.values()}
         plan = [(i, layer) for i in range(len(reqs)) for layer in sorted(mats)]
@@ -148,27 +125,25 @@ class ROME(LocateEditor):
 
     def edit_one(
         self, model: nn.Module, tok: Any, req: EditRequest, prompts: PromptSet, mat: EditedMatrix, layer: int,
-        hp: dict[str, Any], templates: list[str],
+        hp: ROMEHParams, templates: list[str],
     ):
         """The rank-one update of one request at one layer, and a record of the δ optimisation and the keys."""
         k_star = compute_ks(model, tok, [req], templates, mat.name)[0]
         k0 = compute_k0(model, tok, req, mat.name)
-        solve = (lambda x: self.solve_C(model, tok, mat.name, x)) if hp["mom2_adjustment"] else None
+        solve = (lambda x: self.solve_C(model, tok, mat.name, x)) if hp.mom2_adjustment else None
         u = compute_u(k_star, solve)  # u = C⁻¹k̄ in both key modes
-        fast = self.use_fast(model, tok, prompts, layer, "mlp", hp["v_loss_layer"])
-        forward = DeltaForward(model, self.arch(model), prompts, layer, "mlp", hp["v_loss_layer"], fast, pad_id(tok))
-        res = optimize_delta(forward, DeltaHParams(
-            hp["v_num_grad_steps"], hp["v_lr"], hp["v_weight_decay"], hp["clamp_norm_factor"], hp["kl_factor"],
-            hp["early_stop_loss"]))
-        original = hp["key_mode"] == "original"
+        fast = self.use_fast(model, tok, prompts, layer, "mlp", hp.v_loss_layer)
+        forward = DeltaForward(model, self.arch(model), prompts, layer, "mlp", hp.v_loss_layer, fast, pad_id(tok))
+        res = optimize_delta(forward, hp.delta())
+        original = hp.key_mode == "original"
         k = (k0 if original else k_star).double().to(u.device)  # the key of the residual and the denominator
         name = "k₀" if original else "k̄"
         denom = u @ k
         if not bool(denom.isfinite()) or float(denom.abs()) == 0.0:
-            raise EditError(f"ROME ({hp['key_mode']} keys): uᵀ{name} = {float(denom)} for subject {req.subject!r} at "
+            raise EditError(f"ROME ({hp.key_mode} keys): uᵀ{name} = {float(denom)} for subject {req.subject!r} at "
                             f"'{mat.name}'; the statistics C are singular or non-finite (increase mom2_n_samples)")
         residual = res.target.double().to(u.device) - mat.value(k).double().to(u.device)  # v* − W k
         up = mat.update(V=residual, K=u / denom)
         rho = float((u @ k0.double().to(u.device)) / (u @ k_star.double().to(u.device)))
-        return up, {"losses": res.losses, "steps": len(res.losses), "fast": fast, "key_mode": hp["key_mode"],
+        return up, {"losses": res.losses, "steps": len(res.losses), "fast": fast, "key_mode": hp.key_mode,
                     "k_star": k_star, "k0": k0, "rho": rho, "v_star": res.target}

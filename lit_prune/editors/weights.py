@@ -7,18 +7,37 @@ computes ``k @ W_stored + b``. Editors build ΔW = V Kᵀ from factors V (v_dim 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
 from .base import EditError, LowRankUpdate
+
+Orientation = Literal["linear", "conv1d"]
+ORIENTATIONS: tuple[Orientation, ...] = ("linear", "conv1d")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(module, Conv1D)
+        return type(module).__name__ == "Conv1D"
+    return isinstance(module, Conv1D) or type(module).__name__ == "Conv1D"
+
+
+def orientation(module: nn.Module) -> Orientation | None:
+    """How ``module`` stores its weight, the one place every editor reads it from: ``"linear"`` (``nn.Linear``:
+    stored (out, in), ``y = W x``), ``"conv1d"`` (GPT-2's ``Conv1D``: stored (in, out), ``y = x W``), None (neither)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return "conv1d" if _is_conv1d(module) else None
+
+
+def stored_update(orient: Orientation, out_factor: Tensor, in_factor: Tensor) -> LowRankUpdate:
+    """ΔW = out_factor in_factorᵀ of a map in -> out (out_factor: (out, r), in_factor: (in, r)) as a
+    :class:`LowRankUpdate` of the weight as ``orient`` stores it."""
+    return LowRankUpdate(out_factor, in_factor) if orient == "linear" else LowRankUpdate(in_factor, out_factor)
 
 
 class EditedMatrix:
@@ -33,14 +52,12 @@ class EditedMatrix:
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise EditError(f"module '{name}' has no 2-D weight to edit")
         self.name, self.param_name = name, f"{name}.weight"
-        if isinstance(self.module, nn.Linear):
-            self.stored_out_in = True
-        elif _is_conv1d(self.module):
-            self.stored_out_in = False
-        else:
+        self.orientation = orientation(self.module)
+        if self.orientation is None:
             raise EditError(
                 f"module '{name}' is a {type(self.module).__name__}; only nn.Linear and GPT-2 Conv1D are supported"
             )
+        self.stored_out_in = self.orientation == "linear"
         rows, cols = weight.shape
         self.v_dim, self.k_dim = (rows, cols) if self.stored_out_in else (cols, rows)
 
@@ -65,7 +82,7 @@ class EditedMatrix:
         """ΔW = V Kᵀ (math orientation; V: (v_dim, r), K: (k_dim, r)) as a LowRankUpdate of the STORED weight."""
         V = V.reshape(self.v_dim, -1).float()
         K = K.reshape(self.k_dim, -1).float()
-        return LowRankUpdate(V, K) if self.stored_out_in else LowRankUpdate(K, V)
+        return stored_update(self.orientation, V, K)
 
     @torch.no_grad()
     def add_(self, up: LowRankUpdate, sign: float = 1.0) -> None:

@@ -1,14 +1,15 @@
-"""Editing and general-ability metrics: batched answer scoring, torchmetrics Metrics, downstream tasks, final table."""
+"""Editing and general-ability metrics: batched answer scoring, torchmetrics Metrics, downstream tasks (data and
+scoring rules in ``tasks``, model calls and Metrics in ``downstream``), final table."""
 
 from .downstream import (
     GenerationAccuracy,
+    NLIAccuracy,
+    QAAccuracy,
     RougeF1,
+    TaskAccuracy,
+    TextPerplexity,
     TokenPerplexity,
     generate,
-    load_examples,
-    normalize_answer,
-    parse_true_false,
-    qa_exact_match,
     text_nll,
 )
 from .editing import (
@@ -25,6 +26,7 @@ from .editing import (
 )
 from .report import FinalMetricsReporter, format_table, write_final_metrics
 from .scoring import AnswerScores, answer_nll, score_answers
+from .tasks import load_examples, normalize_answer, parse_true_false, qa_exact_match
 
 __all__ = [
     "AnswerScores",
@@ -36,7 +38,11 @@ __all__ = [
     "GenerationAccuracy",
     "Locality",
     "LocalityAgreement",
+    "NLIAccuracy",
+    "QAAccuracy",
     "RougeF1",
+    "TaskAccuracy",
+    "TextPerplexity",
     "TokenAccuracy",
     "TokenPerplexity",
     "answer_nll",

@@ -1,133 +1,73 @@
-"""General-ability (downstream) tasks of the paper (spec §5) and held-out perplexity.
+"""General abilities along an edit stream: the model calls (greedy generation, held-out text NLL, answer likelihoods)
+and the torchmetrics Metrics that accumulate the downstream tasks' scores (spec §5). What the tasks are, their
+prompts, data and scoring rules is in :mod:`lit_prune.metrics.tasks`.
 
-| task              | data (default file in ``$LIT_PRUNE_DOWNSTREAM``) | n   | new tokens | score                    |
-|-------------------|------------------------------------------------|-----|------------|--------------------------|
-| ``reasoning``     | GSM8K test, ``test-reasoning.jsonl``           | 358 | 5          | gold number in output    |
-| ``summarization`` | SAMSum test, ``test-summarization.json``       | 149 | 25         | mean ROUGE-1/2/L F1      |
-| ``qa``            | Natural Questions, ``test-OpenDomainQA.jsonl`` | 261 | 20         | span exact match         |
-| ``nli``           | RTE, ``test-NLI.tsv``                          | 299 | 1          | "true"/"false" accuracy  |
-| ``perplexity``    | held-out text (bundled Wikipedia summaries)    | 100 | --         | exp(token-weighted NLL)  |
+One evaluation of a task is ``m = new_task_metric(task)``, ``update_task_metric(m, task, model, tok, examples)``
+(per shard), ``task_values(task, m.compute())``. The keys it returns (under ``downstream/`` in TensorBoard):
 
-A task's source is a local file (``.json`` list, ``.jsonl``, ``.tsv``) or a hub dataset
-``hf:<name>[:<config>][:<split>]`` (e.g. ``hf:gsm8k:main:test``, ``hf:samsum::test``, ``hf:glue:rte:validation``)
-read through ``datasets``; records are adapted from the field names of the reference files and of the usual hub
-datasets. The first ``n`` examples are used. Generation is greedy, batched, left-padded. Every metric keeps
-sum-reduced states, so shards of any size reduce to the single-process value.
+- ``<task>``: the reference score (reasoning, qa, nli: accuracy; summarization: mean ROUGE-1/2/L F1; perplexity:
+  exp(token-weighted NLL));
+- ``<task>_n``, every task: the examples evaluated (perplexity: texts);
+- ``<task>_correct`` (reasoning, qa, nli): the examples scored correct; with ``<task>_n`` the k and n of a binomial
+  rate, e.g. for a Wilson interval;
+- ``summarization_{rouge1,rouge2,rougeL}``: the three ROUGE F1 means behind ``summarization``;
+  ``perplexity_tokens``: the tokens scored;
+- ``nli_parseable``, ``qa_parseable``: the examples whose continuation gave a readable answer (nli: "true" or
+  "false" in it; qa: anything left after normalisation); ``nli_accuracy_parseable``, ``qa_accuracy_parseable``:
+  the accuracy among those (``_correct / _parseable``; absent when none parsed);
+- ``nli_likelihood``: the accuracy of the likelier label, " True" (entailment) against " False" compared by their
+  length-normalised NLL at the answer position, without generating;
+- ``qa_gold_nll``: the mean over examples of the length-normalised NLL of the likeliest gold answer after the prompt
+  (lower is better).
+
+The reference scores are faithful to the paper's scoring: a small model that rarely starts its continuation with
+"true"/"false" scores near 0 on NLI whatever it knows; ``_parseable``, ``_accuracy_parseable`` and the likelihood
+scores say which is the case. Generation is greedy, batched, left-padded; prompts longer than the token budget are
+cut from the left (for generation and likelihoods alike). Every Metric keeps sum-reduced states
+(``dist_reduce_fx="sum"``), so shards of any size reduce to the single-process value.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import re
-import string
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
-from torchmetrics.functional.text.rouge import rouge_score
 
-from .scoring import _pad_id, pad_batch, special_prefix
-
-GENERATION_TASKS = ("reasoning", "summarization", "qa", "nli")
-TASKS = GENERATION_TASKS + ("perplexity",)
-TASK_FILES = {
-    "reasoning": "test-reasoning.jsonl",
-    "summarization": "test-summarization.json",
-    "qa": "test-OpenDomainQA.jsonl",
-    "nli": "test-NLI.tsv",
-}
-DEFAULT_N = {"reasoning": 358, "summarization": 149, "qa": 261, "nli": 299}
-MAX_NEW_TOKENS = {"reasoning": 5, "summarization": 25, "qa": 20, "nli": 1}
-ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
-
-
-class DownstreamDataError(ValueError):
-    """A downstream task's data is missing or malformed; the message names the file/source, record and setting."""
-
-
-@dataclass
-class Example:
-    """One downstream example: the prompt to continue and what the continuation is scored against
-    (reasoning: the gold number; summarization: the reference summary; qa: the gold answers; nli: True for
-    entailment)."""
-
-    prompt: str
-    target: Any
-
-
-# -- scoring of one generation --------------------------------------------------------------------------------------
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation, drop articles (a, an, the), collapse whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def qa_exact_match(generation: str, answers: Sequence[str]) -> bool:
-    """True if some contiguous word span of the normalised generation equals some normalised gold answer.
-
-    Each example counts at most once. The reference code's counter has two bugs, fixed here: its match flag was
-    never reset between examples (after the first hit every later example counted as correct), and an example was
-    counted once per matching (span, answer) combination (several matching spans or answers inflated the count).
-    Gold answers that normalise to nothing are ignored.
-    """
-    words = normalize_answer(generation).split()
-    for ans in answers:
-        gold = normalize_answer(ans).split()
-        if not gold:
-            continue
-        k = len(gold)
-        if any(words[i : i + k] == gold for i in range(len(words) - k + 1)):
-            return True
-    return False
-
-
-def parse_true_false(generation: str) -> bool | None:
-    """The answer of an NLI continuation: True/False from the first "true"/"false" it contains (case-insensitive),
-    None (scored wrong) when it contains neither."""
-    s = generation.lower()
-    t, f = s.find("true"), s.find("false")
-    if t < 0 and f < 0:
-        return None
-    if f < 0 or (0 <= t < f):
-        return True
-    return False
-
-
-def gsm8k_answer(solution: str) -> str:
-    """The final number of a GSM8K solution (the text after ``####``), without thousands separators."""
-    return solution.split("####")[-1].strip().replace(",", "")
-
-
-def reasoning_correct(generation: str, gold: str) -> bool:
-    """The reference criterion: the gold number is a substring of the continuation (commas removed from both, so
-    "65,960" matches "65960")."""
-    return bool(gold) and gold in generation.replace(",", "")
-
-
-def rouge_f1(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Tensor]:
-    """Per-example ROUGE-1/2/L F1 from torchmetrics (keys ``rouge1``, ``rouge2``, ``rougeL``; each (n,) float64)."""
-    out: dict[str, list[float]] = {k: [] for k in ROUGE_KEYS}
-    for p, r in zip(predictions, references):
-        s = rouge_score(p, r, rouge_keys=ROUGE_KEYS)
-        for k in ROUGE_KEYS:
-            out[k].append(float(s[f"{k}_fmeasure"]))
-    return {k: torch.tensor(v, dtype=torch.float64) for k, v in out.items()}
+from .editing import prefers
+from .scoring import _pad_id, answer_ids, pad_batch, score_answers, special_prefix
+from .tasks import (
+    GENERATION_TASKS,
+    MAX_NEW_TOKENS,
+    NLI_ANSWERS,
+    ROUGE_KEYS,
+    TASKS,
+    DownstreamDataError,
+    Example,
+    answer_parsed,
+    rouge_f1,
+    score_generations,
+)
 
 
 # -- metrics --------------------------------------------------------------------------------------------------------
+def _nan() -> Tensor:
+    return torch.tensor(float("nan"), dtype=torch.float64)
+
+
 class _SumMetric(Metric):
     full_state_update = False
     is_differentiable = False
 
     def _sum_state(self, name: str) -> None:
         self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _add(self, name: str, values: Tensor | Sequence[Any] | float) -> None:
+        """Add the sum of ``values`` to the state ``name``."""
+        v = torch.as_tensor(values, dtype=torch.float64)
+        setattr(self, name, getattr(self, name) + v.sum().to(self.device))
 
 
 class GenerationAccuracy(_SumMetric):
@@ -142,17 +82,100 @@ class GenerationAccuracy(_SumMetric):
 
     def update(self, correct: Tensor | Sequence[bool]) -> None:
         c = torch.as_tensor(correct, dtype=torch.float64).flatten()
-        self.correct += c.sum().to(self.device)
+        self._add("correct", c)
         self.total += c.numel()
 
     def compute(self) -> Tensor:
-        return self.correct / self.total if self.total > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+        return self.correct / self.total if self.total > 0 else _nan()
+
+
+class TaskAccuracy(GenerationAccuracy):
+    """:class:`GenerationAccuracy` with the counts behind it (the reasoning task's metric):
+    ``compute()`` -> ``{"accuracy", "correct", "n"}``."""
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"accuracy": super().compute(), "correct": self.correct.clone(), "n": self.total.clone()}
+
+
+class _ParsedAccuracy(TaskAccuracy):
+    """A :class:`TaskAccuracy` that also counts the examples whose answer parsed (state ``parsed``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sum_state("parsed")
+
+    def _update_parsed(self, correct: Tensor | Sequence[bool], parsed: Tensor | Sequence[bool]) -> int:
+        c = torch.as_tensor(correct, dtype=torch.float64).flatten()
+        p = torch.as_tensor(parsed, dtype=torch.float64).flatten()
+        if p.numel() != c.numel():
+            raise ValueError(f"{type(self).__name__}: {p.numel()} parsed flags for {c.numel()} examples")
+        super().update(c)
+        self._add("parsed", p)
+        return c.numel()
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        out = super().compute()
+        out["parseable"] = self.parsed.clone()
+        out["accuracy_parseable"] = self.correct / self.parsed if self.parsed > 0 else _nan()
+        return out
+
+
+class NLIAccuracy(_ParsedAccuracy):
+    """The NLI task's metric. ``update(correct, parsed, likelihood_correct)``, each (n,) bools: the reference score
+    of each generation, whether it held "true"/"false", and whether the likelier of " True"/" False" is the gold
+    label. ``compute()`` -> ``{"accuracy", "correct", "n", "parseable", "accuracy_parseable", "likelihood"}``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sum_state("likelihood_correct")
+
+    def update(  # type: ignore[override]
+        self, correct: Tensor | Sequence[bool], parsed: Tensor | Sequence[bool],
+        likelihood_correct: Tensor | Sequence[bool],
+    ) -> None:
+        n = self._update_parsed(correct, parsed)
+        lc = torch.as_tensor(likelihood_correct, dtype=torch.float64).flatten()
+        if lc.numel() != n:
+            raise ValueError(f"NLIAccuracy: {lc.numel()} likelihood results for {n} examples")
+        self._add("likelihood_correct", lc)
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        out = super().compute()
+        out["likelihood"] = self.likelihood_correct / self.total if self.total > 0 else _nan()
+        return out
+
+
+class QAAccuracy(_ParsedAccuracy):
+    """The QA task's metric. ``update(correct, parsed, gold_nll)``: (n,) bools (exact match; an answer was given)
+    and (n,) floats, each example's gold-answer NLL (NaN: no gold answer with a token; left out of the mean).
+    ``compute()`` -> ``{"accuracy", "correct", "n", "parseable", "accuracy_parseable", "gold_nll"}``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._sum_state("gold_nll_sum")
+        self._sum_state("gold_nll_count")
+
+    def update(  # type: ignore[override]
+        self, correct: Tensor | Sequence[bool], parsed: Tensor | Sequence[bool], gold_nll: Tensor | Sequence[float]
+    ) -> None:
+        n = self._update_parsed(correct, parsed)
+        g = torch.as_tensor(gold_nll, dtype=torch.float64).flatten()
+        if g.numel() != n:
+            raise ValueError(f"QAAccuracy: {g.numel()} gold-answer NLLs for {n} examples")
+        ok = ~torch.isnan(g)
+        self._add("gold_nll_sum", g[ok])
+        self._add("gold_nll_count", ok)
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        out = super().compute()
+        out["gold_nll"] = self.gold_nll_sum / self.gold_nll_count if self.gold_nll_count > 0 else _nan()
+        return out
 
 
 class RougeF1(_SumMetric):
     """Mean ROUGE-1/2/L F1 over examples. ``update(predictions, references)`` (strings);
-    ``compute()`` -> ``{"rouge1", "rouge2", "rougeL", "mean"}`` (``mean``: the average of the three, the paper's
-    score).
+    ``compute()`` -> ``{"rouge1", "rouge2", "rougeL", "mean", "n"}`` (``mean``: the average of the three, the paper's
+    score; ``n``: examples).
     """
 
     higher_is_better = True
@@ -167,20 +190,21 @@ class RougeF1(_SumMetric):
         if len(predictions) != len(references):
             raise ValueError(f"RougeF1: {len(predictions)} predictions for {len(references)} references")
         for k, v in rouge_f1(predictions, references).items():
-            setattr(self, f"{k}_sum", getattr(self, f"{k}_sum") + v.sum().to(self.device))
+            self._add(f"{k}_sum", v)
         self.total += len(predictions)
 
     def compute(self) -> dict[str, Tensor]:
         if self.total == 0:
-            nan = torch.tensor(float("nan"), dtype=torch.float64)
-            return {**{k: nan for k in ROUGE_KEYS}, "mean": nan}
+            return {**{k: _nan() for k in ROUGE_KEYS}, "mean": _nan(), "n": self.total.clone()}
         out = {k: getattr(self, f"{k}_sum") / self.total for k in ROUGE_KEYS}
         out["mean"] = sum(out.values()) / len(ROUGE_KEYS)
+        out["n"] = self.total.clone()
         return out
 
 
 class TokenPerplexity(_SumMetric):
-    """Token-weighted perplexity exp(Σ NLL / Σ tokens). ``update(nll_sum, n_tokens)``; states sum-reduced."""
+    """Token-weighted perplexity exp(Σ NLL / Σ tokens). ``update(nll_sum, n_tokens, n_texts=0)``; states
+    ``nll_sum``, ``tokens``, ``texts``, sum-reduced."""
 
     higher_is_better = False
 
@@ -188,15 +212,25 @@ class TokenPerplexity(_SumMetric):
         super().__init__(**kwargs)
         self._sum_state("nll_sum")
         self._sum_state("tokens")
+        self._sum_state("texts")
 
-    def update(self, nll_sum: Tensor | float, n_tokens: Tensor | int) -> None:
-        self.nll_sum += torch.as_tensor(nll_sum, dtype=torch.float64).to(self.device)
-        self.tokens += torch.as_tensor(n_tokens, dtype=torch.float64).to(self.device)
+    def update(self, nll_sum: Tensor | float, n_tokens: Tensor | int, n_texts: Tensor | int = 0) -> None:
+        self._add("nll_sum", nll_sum)
+        self._add("tokens", n_tokens)
+        self._add("texts", n_texts)
 
     def compute(self) -> Tensor:
         if self.tokens == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
+            return _nan()
         return torch.exp(self.nll_sum / self.tokens)
+
+
+class TextPerplexity(TokenPerplexity):
+    """:class:`TokenPerplexity` with the counts behind it (the perplexity task's metric):
+    ``compute()`` -> ``{"perplexity", "tokens", "n"}`` (``n``: texts)."""
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"perplexity": super().compute(), "tokens": self.tokens.clone(), "n": self.texts.clone()}
 
 
 # -- model calls ----------------------------------------------------------------------------------------------------
@@ -273,126 +307,63 @@ def text_nll(
     return total, count
 
 
-# -- data -----------------------------------------------------------------------------------------------------------
-def _field(rec: Mapping[str, Any], names: Sequence[str], where: str) -> Any:
-    for n in names:
-        if n in rec and rec[n] is not None:
-            return rec[n]
-    raise DownstreamDataError(f"{where}: none of the fields {list(names)} found (fields: {sorted(rec)})")
+def fit_prompt(tok: Any, prompt: str, room: int) -> str:
+    """``prompt`` cut from the left to its last ``room`` tokens (decoded) when it is longer, as :func:`generate`
+    cuts the prompts it continues; unchanged otherwise."""
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    return prompt if len(ids) <= room else tok.decode(ids[-max(1, room):])
 
 
-def make_example(task: str, rec: Mapping[str, Any], where: str) -> Example:
-    """Adapt one record (reference file or hub dataset fields) to the task's prompt and target (spec §5)."""
-    if task == "reasoning":
-        q = _field(rec, ("question",), where)
-        sol = _field(rec, ("answer", "solution"), where)
-        if "####" not in sol:
-            raise DownstreamDataError(f"{where}: field 'answer' has no '####' before the final number")
-        steps = sol.split("####")[0].strip()
-        prompt = f"Q: {q} A:Let's think step by step. {steps} Therefore, the answer (arabic numerals) is:"
-        return Example(prompt, gsm8k_answer(sol))
-    if task == "summarization":
-        return Example(f"{_field(rec, ('dialogue', 'document'), where)}\nTL;DR:", _field(rec, ("summary",), where))
-    if task == "qa":
-        q = _field(rec, ("question",), where)
-        q = q["text"] if isinstance(q, Mapping) else q
-        ans = _field(rec, ("answer", "answers"), where)
-        ans = ans.get("text", []) if isinstance(ans, Mapping) else ans
-        ans = [ans] if isinstance(ans, str) else list(ans)
-        passage = _field(rec, ("output", "passage", "context"), where)
-        passage = passage[0] if isinstance(passage, (list, tuple)) and passage else passage
-        if not isinstance(passage, str) or not ans:
-            raise DownstreamDataError(f"{where}: needs a passage string and at least one gold answer")
-        prompt = (f"Refer to the passage below and answer the following question. Passage: {passage.strip()} "
-                  f"Question: {q}. Answer:")
-        return Example(prompt, ans)
-    if task == "nli":
-        s1 = _field(rec, ("sentence1", "premise"), where)
-        s2 = _field(rec, ("sentence2", "hypothesis"), where)
-        label = _field(rec, ("label",), where)
-        if isinstance(label, str) and label.strip() in ("entailment", "not_entailment"):
-            gold = label.strip() == "entailment"
-        elif isinstance(label, int) and label in (0, 1):
-            gold = label == 0  # GLUE / SuperGLUE RTE: 0 = entailment
-        else:
-            raise DownstreamDataError(f"{where}: field 'label' must be entailment/not_entailment or 0/1, got {label!r}")
-        return Example(f"{s1} entails the {s2}. True or False? answer:", gold)
-    raise DownstreamDataError(f"unknown downstream task '{task}'; known: {', '.join(GENERATION_TASKS)}")
+def nli_likelihood_correct(
+    model: nn.Module, tok: Any, examples: Sequence[Example], batch_size: int = 8, max_length: int = 1024
+) -> list[bool]:
+    """Per NLI example: whether the likelier label after the prompt is the gold one. The labels are the prompt's
+    " True" (entailment) and " False", compared by their length-normalised NLL (:func:`score_answers`) at the
+    answer position; a tie reads as " False"."""
+    if not examples:
+        return []
+    room = max_length - len(special_prefix(tok)) - max(len(answer_ids(tok, a)) for a in NLI_ANSWERS)
+    prompts = [fit_prompt(tok, e.prompt, room) for e in examples]
+    n = len(prompts)
+    s = score_answers(model, tok, prompts * 2, [NLI_ANSWERS[0]] * n + [NLI_ANSWERS[1]] * n, batch_size)
+    says_true = prefers(s.nll[:n], s.nll[n:]).bool().tolist()
+    return [t == bool(e.target) for t, e in zip(says_true, examples)]
 
 
-def _read_records(path: Path) -> list[Mapping[str, Any]]:
-    try:
-        if path.suffix == ".tsv":
-            with path.open(encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise DownstreamDataError(f"cannot read '{path}': {e}") from None
-    if isinstance(data, Mapping) and "data" in data:
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DownstreamDataError(f"'{path}': expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
-def _hub_records(source: str, n: int | None) -> list[Mapping[str, Any]]:
-    parts = source[3:].split(":")
-    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
-    split = parts[2] if len(parts) > 2 and parts[2] else "test"
-    if n is not None:
-        split = f"{split}[:{n}]"
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # noqa: BLE001 - datasets raises many types; name the source either way
-        raise DownstreamDataError(f"could not load the hub dataset '{source}': {e}") from None
-    return list(ds)
-
-
-def load_examples(task: str, source: str | Path, n: int | None = None) -> list[Example]:
-    """The first ``n`` examples of ``task`` from a local file or an ``hf:`` hub id (see the module docstring)."""
-    if task not in GENERATION_TASKS:
-        raise DownstreamDataError(f"unknown downstream task '{task}'; known: {', '.join(GENERATION_TASKS)}")
-    src = str(source)
-    if src.startswith("hf:"):
-        records = _hub_records(src, n)
-    else:
-        path = Path(src).expanduser()
-        if not path.is_file():
-            raise DownstreamDataError(f"downstream task '{task}': data file not found: '{path}'")
-        records = _read_records(path)
-    if n is not None:
-        if len(records) < n:
-            raise DownstreamDataError(f"downstream task '{task}': '{src}' has {len(records)} examples, asked for {n}")
-        records = records[:n]
-    return [make_example(task, r, f"{src}: record {i}") for i, r in enumerate(records)]
+def gold_answer_nll(
+    model: nn.Module, tok: Any, examples: Sequence[Example], batch_size: int = 8, max_length: int = 1024
+) -> Tensor:
+    """(n,) float64: per QA example, the length-normalised NLL of its likeliest gold answer after the prompt (the
+    minimum over its gold answers, each scored as ``" " + answer``); NaN for an example without a non-blank gold
+    answer."""
+    prefix = len(special_prefix(tok))
+    prompts, answers, owner = [], [], []
+    for i, e in enumerate(examples):
+        golds = [a for a in e.target if a.strip()]
+        if not golds:
+            continue
+        room = max_length - prefix - max(len(answer_ids(tok, a)) for a in golds)
+        p = fit_prompt(tok, e.prompt, room)
+        for a in golds:
+            prompts.append(p)
+            answers.append(a)
+            owner.append(i)
+    out = torch.full((len(examples),), float("inf"), dtype=torch.float64)
+    if prompts:
+        nll = score_answers(model, tok, prompts, answers, batch_size).nll.double()
+        out.scatter_reduce_(0, torch.tensor(owner), nll, reduce="amin")
+    out[torch.isinf(out)] = float("nan")
+    return out
 
 
 # -- one evaluation -------------------------------------------------------------------------------------------------
 def new_task_metric(task: str, **kwargs: Any) -> Metric:
-    """The metric that accumulates ``task``'s scores (see :func:`update_task_metric`)."""
-    if task == "summarization":
-        return RougeF1(**kwargs)
-    if task == "perplexity":
-        return TokenPerplexity(**kwargs)
-    if task in GENERATION_TASKS:
-        return GenerationAccuracy(**kwargs)
-    raise DownstreamDataError(f"unknown downstream task '{task}'; known: {', '.join(TASKS)}")
-
-
-def score_generations(task: str, generations: Sequence[str], examples: Sequence[Example]) -> list[bool]:
-    """Per-example correctness for reasoning, qa and nli."""
-    if task == "reasoning":
-        return [reasoning_correct(g, e.target) for g, e in zip(generations, examples)]
-    if task == "qa":
-        return [qa_exact_match(g, e.target) for g, e in zip(generations, examples)]
-    if task == "nli":
-        return [parse_true_false(g) is e.target for g, e in zip(generations, examples)]
-    raise DownstreamDataError(f"task '{task}' is not scored by correctness")
+    """The metric that accumulates ``task``'s scores (see :func:`update_task_metric`, :func:`task_values`)."""
+    metrics = {"reasoning": TaskAccuracy, "summarization": RougeF1, "qa": QAAccuracy, "nli": NLIAccuracy,
+               "perplexity": TextPerplexity}
+    if task not in metrics:
+        raise DownstreamDataError(f"unknown downstream task '{task}'; known: {', '.join(TASKS)}")
+    return metrics[task](**kwargs)
 
 
 def update_task_metric(
@@ -405,24 +376,45 @@ def update_task_metric(
     max_length: int = 1024,
     max_new_tokens: int | None = None,
 ) -> None:
-    """Run ``task`` on ``examples`` (texts for ``perplexity``) and accumulate into ``metric``. An empty shard still
-    updates the metric (with nothing), so every rank reaches ``compute()`` with a consistent state."""
+    """Run ``task`` on ``examples`` (texts for ``perplexity``) and accumulate into ``metric`` (from
+    :func:`new_task_metric`). An empty shard still updates the metric (with nothing), so every rank reaches
+    ``compute()`` with a consistent state. NLI and QA cost one teacher-forced pass over the prompts besides the
+    generation (the likelihood scores)."""
     if task == "perplexity":
-        s, c = text_nll(model, tok, list(examples), batch_size, max_length)  # type: ignore[arg-type]
-        metric.update(s, c)
+        texts = list(examples)
+        s, c = text_nll(model, tok, texts, batch_size, max_length)  # type: ignore[arg-type]
+        metric.update(s, c, len(texts))
         return
-    exs = list(examples)
+    if task not in GENERATION_TASKS:
+        raise DownstreamDataError(f"unknown downstream task '{task}'; known: {', '.join(TASKS)}")
+    exs: list[Example] = list(examples)  # type: ignore[arg-type]
     gens = generate(model, tok, [e.prompt for e in exs], max_new_tokens or MAX_NEW_TOKENS[task], batch_size,
                     max_length) if exs else []
     if task == "summarization":
         metric.update(gens, [e.target for e in exs])
+        return
+    correct = score_generations(task, gens, exs)
+    if task == "nli":
+        metric.update(correct, answer_parsed(task, gens),
+                      nli_likelihood_correct(model, tok, exs, batch_size, max_length))
+    elif task == "qa":
+        metric.update(correct, answer_parsed(task, gens), gold_answer_nll(model, tok, exs, batch_size, max_length))
     else:
-        metric.update(score_generations(task, gens, exs))
+        metric.update(correct)
 
 
 def task_values(task: str, value: Any) -> dict[str, float]:
-    """Tags (under ``downstream/``) of a computed task metric: ``{task: value}`` plus ROUGE parts for summarization."""
-    if task == "summarization":
-        return {"summarization": float(value["mean"]), **{f"summarization_{k}": float(value[k]) for k in ROUGE_KEYS}}
-    v = float(value)
-    return {task: v} if not math.isnan(v) else {}
+    """The keys of the module docstring (under ``downstream/``) of ``task``'s computed metric, the reference score
+    first; values that are NaN (nothing to average) are left out. A bare number (a :class:`GenerationAccuracy` or
+    :class:`TokenPerplexity` computed) gives ``{task: value}``."""
+    if isinstance(value, dict):
+        v = {k: float(x) for k, x in value.items()}
+        if task == "summarization":
+            out = {"summarization": v["mean"], **{f"summarization_{k}": v[k] for k in ROUGE_KEYS}}
+        else:
+            main = "perplexity" if task == "perplexity" else "accuracy"
+            out = {task: v[main], **{f"{task}_{k}": x for k, x in v.items() if k != main}}
+        out[f"{task}_n"] = v["n"]
+    else:
+        out = {task: float(value)}
+    return {k: x for k, x in out.items() if not math.isnan(x)}

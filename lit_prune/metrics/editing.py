@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from ..requests import EditRequest
 from .scoring import score_answers
@@ -151,39 +151,51 @@ class LocalityAgreement(TokenAccuracy):
     positions (teacher-forced) with the pre-edit model's predictions (``targets``)."""
 
 
-class EditScores(Metric):
-    """All editing scores of a set of requests at once (what the callbacks log).
+class EditScores(MetricCollection):
+    """All editing scores of a set of requests at once (what the callbacks log): a ``MetricCollection`` of one
+    :class:`CaseMean` per key of :data:`KEYS` (states ``total`` and ``cases`` each, sum-reduced).
 
-    For each key of :data:`KEYS` two sum-reduced states, ``<key>_total`` (sum of per-case values) and
-    ``<key>_cases``. ``update(case_values)`` takes the per-case values of :func:`request_case_values`;
-    ``compute()`` returns ``{key: mean}`` for the keys with at least one case.
+    ``update(case_values)`` takes the per-case values of :func:`request_case_values` (``{key: (cases,)}``) and
+    feeds each key's values to its metric as one case each; ``compute()`` returns ``{key: mean}`` for the keys with
+    at least one case (on every rank the same keys: each metric computes, and syncs, whatever the shard held).
+    ``kwargs`` (e.g. ``sync_on_compute=False``) go to every metric.
     """
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        for k in KEYS:
-            self.add_state(f"{k}_total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"{k}_cases", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        super().__init__({k: CaseMean(**kwargs) for k in KEYS}, compute_groups=False)
 
-    def update(self, case_values: Mapping[str, Tensor]) -> None:
-        for k, v in case_values.items():
-            if k not in KEYS:
-                raise KeyError(f"EditScores: unknown score '{k}'; known: {', '.join(KEYS)}")
-            v = torch.as_tensor(v).double().flatten()
-            setattr(self, f"{k}_total", getattr(self, f"{k}_total") + v.sum().to(self.device))
-            setattr(self, f"{k}_cases", getattr(self, f"{k}_cases") + v.numel())
+    def update(self, case_values: Mapping[str, Tensor]) -> None:  # type: ignore[override]
+        unknown = [k for k in case_values if k not in KEYS]
+        if unknown:
+            raise KeyError(f"EditScores: unknown score '{unknown[0]}'; known: {', '.join(KEYS)}")
+        for k in KEYS:  # every metric is updated (an empty shard of a key adds nothing), so none computes unfed
+            self[k].update(torch.as_tensor(case_values.get(k, torch.zeros(0))).double().flatten())
 
     def compute(self) -> dict[str, Tensor]:
-        out = {}
+        return {k: v for k, v in super().compute().items() if not torch.isnan(v)}
+
+    def merge_state(self, other: "EditScores") -> None:
+        """Add ``other``'s states (another shard's) to these, key by key."""
         for k in KEYS:
-            n = getattr(self, f"{k}_cases")
-            if n > 0:
-                out[k] = getattr(self, f"{k}_total") / n
+            self[k].merge_state(other[k])
+
+    def sums(self, sync: bool = True) -> dict[str, float]:
+        """The states as ``{"<key>_total": ..., "<key>_cases": ...}``; with ``sync`` reduced over ranks (a collective
+        when distributed: every rank calls it), the local states are kept."""
+        out: dict[str, float] = {}
+        for k in KEYS:
+            m = self[k]
+            with m.sync_context(should_sync=sync):
+                out[f"{k}_total"], out[f"{k}_cases"] = float(m.total), float(m.cases)
         return out
+
+    def load_sums(self, sums: Mapping[str, float]) -> None:
+        """Set the states from :meth:`sums` (keys not given are left as they are)."""
+        for k in KEYS:
+            m = self[k]
+            for state in ("total", "cases"):
+                if f"{k}_{state}" in sums:
+                    setattr(m, state, torch.tensor(sums[f"{k}_{state}"], dtype=torch.float64, device=m.device))
 
 
 # -- requests -> per-case values ------------------------------------------------------------------------------------

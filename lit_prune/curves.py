@@ -1,4 +1,6 @@
-"""Logging helpers: every curve of a run uses the number of applied edits as its x-axis."""
+"""Curves of a run: their x-axis (the number of applied edits) and how their scalars reach the loggers.
+
+(Formerly ``lit_prune.logging``, renamed so that no module of the package shadows the standard library's.)"""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ is ``−η Σ δ̃ x̃ᵀ`` (a descent step at initialisation; the reference lea
 and adds ``+edit_lr · Σ x̃ δ̃ᵀ``, so its sign is left to training); the running moments are kept per edited
 weight (the reference shares them across the weights of one shape) with std clamped at 1e-8 (reference:
 ``σ + 1e-7``), and are frozen outside training mode in both. Factor rows with a zero input or zero gradient are
-dropped before the transform, as in the reference (``mend_factors.py``).
+dropped before the transform, as in the reference (``factors.py``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import EditError, LowRankUpdate, Updates
-from .mend_factors import Factors
+from ..base import EditError, Updates
+from ..weights import ORIENTATIONS, stored_update
+from .factors import Factors
 
 
 class RunningMoments(nn.Module):
@@ -160,7 +161,7 @@ class MENDHypernetwork(nn.Module):
         if rank < 1 or n_blocks < 1 or not edit_lr > 0:
             raise ValueError(f"MENDHypernetwork: rank and n_blocks must be >= 1 and edit_lr > 0, got {rank}, {n_blocks}, {edit_lr}")
         for p in params:
-            if orientations[p] not in ("linear", "conv1d"):
+            if orientations[p] not in ORIENTATIONS:
                 raise EditError(f"MENDHypernetwork: unknown orientation {orientations[p]!r} of '{p}'")
         self.params = list(params)
         self.dims = {p: (int(dims[p][0]), int(dims[p][1])) for p in params}
@@ -237,8 +238,6 @@ class MENDHypernetwork(nn.Module):
         for param, (x, delta) in factors.items():
             xt, dt = self.transform(param, x.float(), delta.float())
             lr = self.log_lr[self.params.index(param)].exp()
-            if self.orientations[param] == "linear":  # W: out×in, ΔW = (-η δ̃)ᵀ x̃
-                out[param] = LowRankUpdate(-lr * dt.T, xt.T)
-            else:  # Conv1D W: in×out, ΔW = x̃ᵀ (-η δ̃)
-                out[param] = LowRankUpdate(xt.T, -lr * dt.T)
+            # ΔW = (-η δ̃)ᵀ x̃ of the map in -> out: stored as is by nn.Linear (out×in), transposed by Conv1D
+            out[param] = stored_update(self.orientations[param], -lr * dt.T, xt.T)
         return out

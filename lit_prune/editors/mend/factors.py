@@ -14,45 +14,40 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..requests import EditRequest
-from .base import EditError, default_num_layers, get_module, get_parameter
+from ...requests import EditRequest
+from ..architectures import mlp_pairs
+from ..base import EditError, default_num_layers, get_module, get_parameter
+from ..weights import Orientation
+from ..weights import orientation as weight_orientation
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 """Parameter name -> ``(x, δ)``: (T, in_features) layer inputs and (T, out_features) output gradients, float32."""
 
-# Edited weights per architecture: the MLP input and output projections of the last blocks (MEND edits the last
-# three MLP blocks; GPT-2 XL: layers 45-47 c_fc and c_proj). Llama's gate_proj has the shape of up_proj and is left
-# alone, so one up/down pair per block mirrors GPT-2's c_fc/c_proj pair.
-LAYER_PATTERNS = (
-    ("model.layers.{}.mlp.up_proj.weight", "model.layers.{}.mlp.down_proj.weight"),  # Llama, Mistral, Qwen, ...
-    ("transformer.h.{}.mlp.c_fc.weight", "transformer.h.{}.mlp.c_proj.weight"),  # GPT-2, GPT-J style
-    ("gpt_neox.layers.{}.mlp.dense_h_to_4h.weight", "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight"),
-)
-
-
 def default_mend_parameters(model: nn.Module, n_blocks: int = 3) -> list[str]:
-    """The MLP input and output projection weights of the last ``n_blocks`` blocks of ``model``."""
+    """The MLP input and output projection weights of the last ``n_blocks`` blocks of ``model`` (MEND edits the last
+    three MLP blocks; GPT-2 XL: layers 45-47 c_fc and c_proj), found by name among the layouts of
+    :data:`~lit_prune.editors.architectures.ARCHITECTURES`."""
     n = default_num_layers(model)
     names = {name for name, _ in model.named_parameters()}
-    for pattern in LAYER_PATTERNS:
+    layouts = [(f"{i}.weight", f"{o}.weight") for i, o in mlp_pairs()]
+    for pattern in layouts:
         if pattern[0].format(n - 1) in names:
             return [p.format(i) for i in range(n - n_blocks, n) for p in pattern]
     raise EditError(
         f"MEND: no known MLP layout in {type(model).__name__}; name the edited weights explicitly "
-        f"(known layouts: {[p[0] for p in LAYER_PATTERNS]})"
+        f"(known layouts: {[p[0] for p in layouts]})"
     )
 
 
-def orientation(model: nn.Module, param: str) -> str:
+def orientation(model: nn.Module, param: str) -> Orientation:
     """``"linear"`` (weight stored out×in, ``y = W x``) or ``"conv1d"`` (GPT-2 ``Conv1D``, stored in×out, ``y = x W``)."""
     if not param.endswith(".weight"):
         raise EditError(f"MEND edits weight matrices; '{param}' is not a '.weight' parameter")
     module = get_module(model, param[: -len(".weight")])
     get_parameter(model, param)
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D":
-        return "conv1d"
+    found = weight_orientation(module)
+    if found is not None:
+        return found
     raise EditError(f"MEND: '{param}' belongs to a {type(module).__name__}; only nn.Linear and Conv1D are supported")
 
 

@@ -1,12 +1,12 @@
 """MEND (Mitchell et al. 2022, "Fast Model Editing at Scale"): edits from a trained gradient-transform hypernetwork.
 
 An edit = one forward/backward pass of the fine-tuning loss of ``target_new`` to get the per-token gradient factors
-of the edited weights (:mod:`.mend_factors`), then the trained transform (:mod:`.mend_hypernet`) turns them into a
+of the edited weights (:mod:`.factors`), then the trained transform (:mod:`.hypernet`) turns them into a
 low-rank update per weight. The hypernetwork is trained with ``python -m lit_prune.mend_training --config
-configs/mend_train_smollm2.yaml``; its checkpoint records the model and the weights it was trained for.
+configs/mend_train_smollm2.yaml`` (:mod:`.training`); its checkpoint records the model and the weights it was trained for.
 
 The gradient transform deviates from the reference code (eric-mitchell/mend) in two ways that change what it can
-learn, both documented in :mod:`.mend_hypernet`: its outputs are mapped back out of the normalised space (the
+learn, both documented in :mod:`.hypernet`: its outputs are mapped back out of the normalised space (the
 reference multiplies the normalised outputs), and its block structure differs (one residual low-rank MLP block
 with the nonlinearity on the rank-r bottleneck and per-layer scale/shift on the input, against the reference's two
 ``LRLinear`` layers with a full-width ReLU and per-layer scale/shift on each layer's output). The bundled
@@ -26,10 +26,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..requests import EditRequest
-from .base import EditError, Editor, LowRankUpdate, Updates, default_num_layers, get_parameter
-from .mend_factors import factor_dims, gradient_factors, orientation
-from .mend_hypernet import MENDHypernetwork
+from ...requests import EditRequest
+from ..base import EditError, Editor, LowRankUpdate, Updates, default_num_layers, get_parameter
+from .factors import factor_dims, gradient_factors, orientation
+from .hypernet import MENDHypernetwork
 
 FORMAT = "lit_prune.mend/1"
 STATE_PREFIX = "hypernet."  # key prefix of the hypernetwork in a MENDTrainingModule's Lightning checkpoint
@@ -113,7 +113,7 @@ def resolve_checkpoint(name: str | Path) -> Path:
     """A checkpoint path, or a bundled hypernetwork's name (a key of :data:`BUNDLED`) -> its file in the package."""
     key = str(name)
     if key in BUNDLED and not Path(key).exists():
-        return Path(__file__).resolve().parents[1] / "data" / BUNDLED[key]
+        return Path(__file__).resolve().parents[2] / "data" / BUNDLED[key]
     return Path(key).expanduser()
 
 
