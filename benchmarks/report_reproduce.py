@@ -110,11 +110,19 @@ def table(s: dict) -> str:
             + [f"Immediate {t}" for _, t in EDIT_COLUMNS] + ["Perplexity"]
             + [t + flags.get(k, "") for k, t in TASKS] + [t for _, t in extra] + ["max κ(W)", "max σ_max(ΔW)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if base:
-        lines.append("| unedited | – | 0 | " + " | ".join(["–"] * 6) + " | "
-                     + " | ".join(cell(base.get(k, {}).get(0), sc) for k, sc in
-                                  [("downstream/perplexity", 1)] + [(k, 100) for k, _ in TASKS]
-                                  + [(k, 1 if "nll" in k else 100) for k, _ in extra]) + " | | |")
+    cols = [("downstream/perplexity", 1)] + [(k, 100) for k, _ in TASKS] + [(k, 1 if "nll" in k else 100)
+                                                                           for k, _ in extra]
+    seen = []  # one "unedited" row per distinct N = 0 evaluation (the set-ups measured it differently)
+    for (label, view), m in sorted(s.items()):
+        if view != "none" or 0 not in m.get("downstream/perplexity", {}):
+            continue
+        cells = [cell(m.get(k, {}).get(0), sc) for k, sc in cols]
+        if cells in [c for _, c in seen]:
+            continue
+        seen.append((label, cells))
+    for label, cells in seen:
+        who = "unedited" if len(seen) == 1 else f"unedited ({name(label)}'s N = 0)"
+        lines.append(f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
     for (label, view), m in sorted(s.items()):
         nmax = max(max(v) for v in m.values())
         vals = []
