@@ -22,6 +22,22 @@ from lit_prune.restraint import AccumulatedUpdate
 MODES = ("online", "deferred")
 
 
+def check_params(params: Any, where: str) -> str | list[str] | None:
+    """A callback's ``params`` argument, checked: None, a regex that compiles, or a non-empty list of names."""
+    if isinstance(params, str):
+        try:
+            re.compile(params)
+        except re.error as e:
+            raise ValueError(f"{where}: params regex {params!r} does not compile: {e}") from None
+        return params
+    if params is None:
+        return None
+    if isinstance(params, (bytes, Mapping)) or not isinstance(params, Sequence) or not params or not all(
+            isinstance(p, str) for p in params):
+        raise ValueError(f"{where}: params must be None, a regex string or a non-empty list of names, got {params!r}")
+    return list(params)
+
+
 class RestraintCallback(L.Callback):
     """Restrains the accumulated update ΔW = W − W₀ of selected weight matrices. Not used directly: see
     :class:`~lit_prune.callbacks.PruneCallback` and :class:`~lit_prune.callbacks.RectCallback`.
@@ -74,18 +90,7 @@ class RestraintCallback(L.Callback):
         for arg, v in (("every_n_steps", every_n_steps), ("spectrum_every_n_steps", spectrum_every_n_steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{where}: {arg} must be an integer >= 1, got {v!r}")
-        if isinstance(params, str):
-            try:
-                re.compile(params)
-            except re.error as e:
-                raise ValueError(f"{where}: params regex {params!r} does not compile: {e}") from None
-        elif params is not None:
-            if not isinstance(params, Sequence) or not params or not all(isinstance(p, str) for p in params):
-                raise ValueError(
-                    f"{where}: params must be None, a regex string or a non-empty list of names, got {params!r}"
-                )
-            params = list(params)
-        self.params, self.mode = params, mode
+        self.params, self.mode = check_params(params, where), mode
         self.every_n_steps, self.spectrum_every_n_steps = every_n_steps, spectrum_every_n_steps
         self.log_spectrum = bool(log_spectrum)
         self.accumulated: dict[str, AccumulatedUpdate] = {}

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from lit_prune.curves import num_edits
 from lit_prune.restraint import numerical_rank, svdvals
 
+from .restraint import check_params
+
 
 def tensorboard_writers(trainer: L.Trainer) -> list[Any]:
     """The ``SummaryWriter`` of each TensorBoardLogger of ``trainer`` (empty on ranks other than 0)."""
@@ -125,17 +127,7 @@ class SpectrumHistogramCallback(_Scheduled):
 
     def __init__(self, params: str | Sequence[str] | None = None, every_n_edits: int | None = 10) -> None:
         super().__init__(every_n_edits)
-        if isinstance(params, str):
-            try:
-                re.compile(params)
-            except re.error as e:
-                raise ValueError(f"SpectrumHistogramCallback: params regex {params!r} does not compile: {e}") from None
-        elif params is not None:
-            if isinstance(params, (bytes, Mapping)) or not params or not all(isinstance(p, str) for p in params):
-                raise ValueError("SpectrumHistogramCallback: params must be None, a regex string or a non-empty list "
-                                 f"of names, got {params!r}")
-            params = list(params)
-        self.params = params
+        self.params = check_params(params, "SpectrumHistogramCallback")
         self.W0: dict[str, Tensor] = {}
         self._names: list[str] = []
 

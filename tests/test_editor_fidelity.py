@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from test_editors import independent_key
+
 from lit_prune.editors import MEMIT, ROME, presets
 from lit_prune.editors.compute_ks import compute_k0, compute_ks
 from lit_prune.requests import EditRequest
@@ -43,24 +45,6 @@ def delta_times(model, up, k: torch.Tensor) -> torch.Tensor:
     """ΔW k in the math orientation from the returned (stored-orientation) factors."""
     d = up.dense().double()
     return k.double() @ d if model.config.model_type == "gpt2" else d @ k.double()
-
-
-def independent_key(model, tok, module: str, req: EditRequest, templates: list[str]) -> torch.Tensor:
-    """Mean over templates of the module input at the subject's last token, one unpadded prompt at a time."""
-    mod = model.get_submodule(module)
-    keys, seen = [], []
-    h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    try:
-        for t in templates:
-            text = t.replace("{}", req.prompt).format(req.subject)
-            idx = len(tok(t.split("{}")[0] + req.prompt.split("{}")[0] + req.subject)["input_ids"]) - 1
-            seen.clear()
-            with torch.no_grad():
-                model(input_ids=tok(text, return_tensors="pt")["input_ids"])
-            keys.append(seen[0][0, idx].double())
-    finally:
-        h.remove()
-    return torch.stack(keys).mean(0)
 
 
 def rome_edit(model, tok, key_mode: str, templates=TEMPLATES, C=None):
