@@ -102,7 +102,7 @@ def table(s: dict) -> str:
     flags = {}
     for k, _ in TASKS:
         b = (base or {}).get(k, {}).get(0)
-        if b is not None and b["value"] == 0:
+        if b is not None and (b["value"] == 0 or b.get("hi", 1.0) < 0.05):  # nothing, or below 5 % for sure
             flags[k] = " (floor)"
         elif b is not None and k in CHANCE and b.get("lo", 1) <= CHANCE[k] <= b.get("hi", 0):
             flags[k] = " (chance)"
@@ -209,8 +209,9 @@ def report(out: Path, doc: Path) -> str:
              "protocol); immediate: each edit scored right after it, mean over the edits. Perplexity on held-out "
              "bundled Wikipedia summaries (lower is better); max κ(W) and σ_max(ΔW) over the edited matrices "
              "(τ = σ_max(W₀) of each matrix: in the set-up). A value measured at a smaller N than the row's (the "
-             "evaluation schedule, or a run stopped early) says so. A task marked (floor) scores 0 on the unedited "
-             "model, (chance) is at chance there: its changes say nothing about general abilities.", "",
+             "evaluation schedule, or a run stopped early) says so. A task marked (floor) scores 0 (or surely below 5 %) "
+             "on the unedited model, (chance) is at chance there: its changes say nothing about general abilities.",
+             "",
              text_table, ""]
     text += ["## Curves", ""] + [f"![{p.stem}](figures/{p.name})" for p in made] + ["", "## Findings", "", findings]
     doc.write_text("\n".join(text) + "\n")

@@ -402,6 +402,13 @@ def downstream(args) -> None:
             if state:
                 stream.load(state)
             views = list(runs[run_name].items())
+            base = out / f"{args.label}_stream_downstream.jsonl"
+            if n == 0 and run_name != "stream" and base.is_file() and (views[0][0], 0) not in done:
+                same = [r for r in map(json.loads, base.read_text().splitlines()) if r["n"] == 0 and r["view"] == "none"]
+                if same:  # the unedited model was evaluated for the stream already
+                    with rows_file.open("a") as f:
+                        f.writelines(json.dumps({**r, "run": tag, "view": v}) + "\n" for v, _ in views for r in same)
+                    done |= {(v, 0) for v, _ in views}
             for view, alpha in (views if n > 0 else views[:1]):  # N = 0: the unedited model, once
                 if (view, n) in done:
                     continue
