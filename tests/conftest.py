@@ -99,3 +99,12 @@ def smollm():
     from lit_prune.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: multi-threaded LAPACK only adds overhead (and stalls on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from test_editors import independent_key
+from test_editors import FAST_HP, independent_key, random_spd, rewrite_name
 
 from lit_prune.editors import MEMIT, ROME, presets
 from lit_prune.editors.compute_ks import compute_k0, compute_ks
@@ -20,19 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ["{}", "Hello there. {}", "Japan is a country in Asia, far away. {}"]
 # subject at position 0: the bare prompt's key k₀ has no context and is far from the template average k̄
 REQ = EditRequest(prompt="{} plays the sport of", subject="Michael Jordan", target_new="basketball", case_id=8)
-FAST_HP = dict(v_lr=0.05, v_num_grad_steps=6, v_weight_decay=0.01, clamp_norm_factor=4.0)
-
-
-def rewrite_name(model, layer: int) -> str:
-    return f"transformer.h.{layer}.mlp.c_proj" if model.config.model_type == "gpt2" else f"model.layers.{layer}.mlp.down_proj"
-
-
-def random_spd(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
-    return A @ A.T / (3 * n)
-
-
 def module_out(model, module: str, k: torch.Tensor) -> torch.Tensor:
     """W k (+ bias) of the edited module, written out per layout."""
     mod = model.get_submodule(module)

@@ -24,13 +24,7 @@ from lit_prune.protocols import EditStream
 TAG = "lin.weight"  # the fake module's edited parameter, in pl_module.model's namespace
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: multi-threaded LAPACK only adds overhead (and stalls on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- reference: spec §2 in numpy ---------------------------------------------------------------------------------------

@@ -14,12 +14,7 @@ from lit_prune.callbacks import PruneCallback, RectCallback
 from lit_prune.restraint import rect_mask
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ref_rect(W0: np.ndarray, W: np.ndarray, fraction: float = 0.4) -> np.ndarray:

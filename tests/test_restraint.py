@@ -23,13 +23,7 @@ from lit_prune.restraint import (
 ALPHAS = [math.e, 2.0, 1.5, 1.2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: multi-threaded LAPACK only adds overhead (and stalls on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = ["log", "linear"]
 
 
