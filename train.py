@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import lit_prune  # noqa: F401  (registers the "lockstep" strategy)
 from lit_prune import EditDataModule, SequentialEditingModule
 from lit_prune.callbacks import EditProgressBar
-from lit_prune.errors import debug_enabled, describe
+from lit_prune.errors import debug_enabled, fail
 from lit_prune.preflight import check_run
 
 # Editing runs are eval-mode, single-epoch, no-worker streams by design: these Lightning warnings do not apply.
@@ -118,14 +118,6 @@ class EditingCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
 
-def _fail(exc: BaseException) -> NoReturn:
-    if debug_enabled():
-        raise exc
-    sys.stderr.write(describe(exc) + "\n")
-    sys.stderr.flush()
-    raise SystemExit(1)
-
-
 def preflight(cli: LightningCLI) -> None:
     """:func:`lit_prune.preflight.check_run` on what the command line configured."""
     model = cli.model
@@ -155,11 +147,11 @@ def main(args: list[str] | None = None) -> None:
         )
         preflight(cli)
     except Exception as e:  # noqa: BLE001 - every configuration error ends here as one line
-        _fail(e)
+        fail(e)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
     except Exception as e:  # noqa: BLE001 - a failing run ends with one line too (LIT_PRUNE_DEBUG=1: traceback)
-        _fail(e)
+        fail(e)
 
 
 if __name__ == "__main__":

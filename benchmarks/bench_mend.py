@@ -26,8 +26,8 @@ import torch
 from common import RESULTS, counterfact_file, machine
 
 from lit_prune.editors.mend import MEND
-from lit_prune.metrics.editing import prefers as nll_prefers
-from lit_prune.metrics.scoring import answer_nll
+from lit_prune.metrics.scoring import score_answers
+from lit_prune.text import prefers as nll_prefers
 from lit_prune.mend_training import MENDDataModule
 from lit_prune.models import cache_dir, load_model
 
@@ -61,9 +61,9 @@ def read_run(run_dir: Path) -> dict:
 
 
 def prefers(model, tok, prompts: list[str], first: str, second: str) -> list[bool]:
-    """Per prompt: NLL(first) < NLL(second) (:func:`lit_prune.metrics.scoring.answer_nll`)."""
+    """Per prompt: NLL(first) < NLL(second) (:func:`lit_prune.metrics.scoring.score_answers`)."""
     n = len(prompts)
-    nll = answer_nll(model, tok, list(prompts) * 2, [first] * n + [second] * n)
+    nll = score_answers(model, tok, list(prompts) * 2, [first] * n + [second] * n).nll
     return nll_prefers(nll[:n], nll[n:]).bool().tolist()
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 from lit_prune.data.formats import load_requests
-from lit_prune.metrics.editing import prefers
-from lit_prune.metrics.scoring import answer_nll
+from lit_prune.metrics.scoring import score_answers
+from lit_prune.text import prefers
 from lit_prune.models import load_model
 
 
 def prefers_true(model, tok, prompts: list[str], true: list[str], new: list[str]) -> tuple[torch.Tensor, ...]:
     """(NLL of the true objects, NLL of the new objects, bool mask ``NLL(true) < NLL(new)``), each ``[n]``
-    (:func:`lit_prune.metrics.scoring.answer_nll`, :func:`lit_prune.metrics.editing.prefers`)."""
-    nll_true, nll_new = answer_nll(model, tok, prompts, true), answer_nll(model, tok, prompts, new)
+    (:func:`lit_prune.metrics.scoring.score_answers`, :func:`lit_prune.text.prefers`)."""
+    nll_true, nll_new = score_answers(model, tok, prompts, true).nll, score_answers(model, tok, prompts, new).nll
     return nll_true, nll_new, prefers(nll_true, nll_new).bool()
 
 

@@ -55,15 +55,15 @@ def counterfact(n: int, offset: int = 0) -> list[Any]:
 @torch.no_grad()
 def margins(model, tok, requests: Sequence[Any]) -> torch.Tensor:
     """(n, 3) NLL(true) − NLL(new) (nats; > 0: the new object wins) of each request on its edit prompt, its first
-    paraphrase and its first neighbourhood prompt (:func:`lit_prune.metrics.scoring.answer_nll`)."""
-    from lit_prune.metrics.scoring import answer_nll
+    paraphrase and its first neighbourhood prompt (:func:`lit_prune.metrics.scoring.score_answers`)."""
+    from lit_prune.metrics.scoring import score_answers
 
     prompts, answers = [], []
     for r in requests:
         for p in (r.full_prompt, r.paraphrase_prompts[0], r.neighborhood_prompts[0]):
             prompts += [p, p]
             answers += [r.target_new, r.target_true]
-    nll = answer_nll(model, tok, prompts, answers).view(len(requests), 3, 2)
+    nll = score_answers(model, tok, prompts, answers).nll.view(len(requests), 3, 2)
     return nll[..., 1] - nll[..., 0]
 
 

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_prune.curves import log_metrics, num_edits
+from lit_prune.errors import check_positive_ints
 from lit_prune.metrics.downstream import new_task_metric, task_values, update_task_metric
 from lit_prune.metrics.report import FinalMetricsReporter
 from lit_prune.metrics.tasks import (
@@ -84,12 +85,9 @@ class DownstreamEvalCallback(FinalMetricsReporter, L.Callback):
             if unknown:
                 raise ValueError(f"DownstreamEvalCallback: {name} has unknown task(s) {unknown}; "
                                  f"known: {', '.join(GENERATION_TASKS)}")
-        for name, v in (("every_n_edits", every_n_edits), ("batch_size", batch_size),
-                        ("perplexity_n_texts", perplexity_n_texts), ("max_length", max_length)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"DownstreamEvalCallback: {name} must be a positive int, got {v!r}")
-        if batch_size is None or max_length is None or perplexity_n_texts is None:
-            raise ValueError("DownstreamEvalCallback: batch_size, max_length and perplexity_n_texts cannot be None")
+        check_positive_ints("DownstreamEvalCallback", {
+            "every_n_edits": every_n_edits, "batch_size": batch_size, "perplexity_n_texts": perplexity_n_texts,
+            "max_length": max_length}, optional=("every_n_edits",))
         self.tasks = tasks
         self.data_dir = data_dir
         self.sources = dict(sources or {})

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_prune.curves import log_metrics, num_edits
+from lit_prune.errors import check_positive_ints
 from lit_prune.metrics.editing import (
     EditScores,
     PrePredictions,
@@ -59,12 +60,9 @@ class EditMetricsCallback(FinalMetricsReporter, L.Callback):
         prog_bar: bool = True,
     ) -> None:
         super().__init__()
-        for name, v, optional in (("retention_every_n_edits", retention_every_n_edits, True),
-                                  ("batch_size", batch_size, False),
-                                  ("max_retention_edits", max_retention_edits, True)):
-            if (v is not None or not optional) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                none = " or None" if optional else ""
-                raise ValueError(f"EditMetricsCallback: {name} must be a positive int{none}, got {v!r}")
+        check_positive_ints("EditMetricsCallback", {
+            "retention_every_n_edits": retention_every_n_edits, "batch_size": batch_size,
+            "max_retention_edits": max_retention_edits}, optional=("retention_every_n_edits", "max_retention_edits"))
         self.retention_every_n_edits = retention_every_n_edits
         self.immediate = immediate
         self.baseline = baseline

@@ -174,16 +174,17 @@ def parse_fragment(text: str, where: str) -> dict[str, Node]:
         while pos < len(lines) and not lines[pos].strip():
             pos += 1
 
+    def peek() -> tuple[str, int] | None:
+        """The next non-blank line and its indentation; None at the end."""
+        skip_blank()
+        return (lines[pos], _indent(lines[pos])) if pos < len(lines) else None
+
     def mapping(indent: int) -> dict[str, Node]:
         nonlocal pos
         out: dict[str, Node] = {}
         comments: list[str] = []
-        while True:
-            skip_blank()
-            if pos >= len(lines):
-                break
-            ln = lines[pos]
-            ind = _indent(ln)
+        while (line := peek()) is not None:
+            ln, ind = line
             if ind < indent:
                 break
             if ln.strip().startswith("#"):
@@ -221,12 +222,8 @@ def parse_fragment(text: str, where: str) -> dict[str, Node]:
         nonlocal pos
         items: list[list[str]] = []
         pending: list[str] = []
-        while True:
-            skip_blank()
-            if pos >= len(lines):
-                break
-            ln = lines[pos]
-            ind = _indent(ln)
+        while (line := peek()) is not None:
+            ln, ind = line
             if ln.strip().startswith("#") and ind >= indent:
                 pending.append(" " * (ind - indent) + ln.strip())
                 pos += 1

@@ -11,6 +11,8 @@ only with ``LIT_PRUNE_DEBUG=1`` (:func:`debug_enabled`).
 from __future__ import annotations
 
 import os
+import sys
+from typing import Any, NoReturn
 
 DEBUG_ENV = "LIT_PRUNE_DEBUG"
 
@@ -29,6 +31,17 @@ class CheckpointError(LitPruneError):
 
 class CacheError(LitPruneError):
     """A cache file (converted model, statistics) that is unreadable; the message names the file to delete."""
+
+
+def check_positive_ints(owner: str, values: dict[str, Any], optional: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` "<owner>: <name> must be a positive int[ or None], got <value>" for the first entry of
+    ``values`` that is not an int >= 1 (bools refused; None accepted for the names in ``optional``)."""
+    for name, v in values.items():
+        if v is None and name in optional:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            none = " or None" if name in optional else ""
+            raise ValueError(f"{owner}: {name} must be a positive int{none}, got {v!r}")
 
 
 def debug_enabled() -> bool:
@@ -67,3 +80,14 @@ def describe(exc: BaseException) -> str:
         return f"error: {msg} ({type(exc).__name__})"
     return (f"error: unexpected {type(exc).__module__}.{type(exc).__name__}: {msg}\n"
             f"       this may be a bug in lit_prune; run again with {DEBUG_ENV}=1 to see the traceback")
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """End a command on ``exc``: its one-line :func:`describe` on stderr and exit status 1 (with
+    ``LIT_PRUNE_DEBUG=1`` the exception is re-raised with its traceback). ``train.py`` and
+    ``python -m lit_prune.mend_training`` end every failure here."""
+    if debug_enabled():
+        raise exc
+    sys.stderr.write(describe(exc) + "\n")
+    sys.stderr.flush()
+    raise SystemExit(1)

@@ -11,7 +11,6 @@ from .editors.mend.training import (
     kl_pre_post,
     main,
     pair_locality,
-    token_accuracy,
 )
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "kl_pre_post",
     "main",
     "pair_locality",
-    "token_accuracy",
 ]
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the forward raises. Tensors are passed through untouched unless a function is gi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping
 
 from torch import Tensor, nn
 
@@ -39,67 +39,54 @@ def _output_tensor(output: Any) -> Tensor:
 
 
 @contextmanager
+def _capture(
+    modules: Mapping[str, nn.Module], which: str, stop_after: str | None, detach: bool
+) -> Iterator[dict[str, Tensor]]:
+    """Hooks recording each module's input (``which="in"``, before it runs) or output tensor; see the callers."""
+    got: dict[str, Tensor] = {}
+
+    def record(name: str, x: Tensor) -> None:
+        got[name] = x.detach() if detach else x
+        if name == stop_after:
+            raise StopForward
+
+    handles = []
+    for name, m in modules.items():
+        if which == "in":
+            hook = lambda mod, args, kwargs, name=name: record(name, _first_input(args, kwargs))  # noqa: E731
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            hook = lambda mod, args, output, name=name: record(name, _output_tensor(output))  # noqa: E731
+            handles.append(m.register_forward_hook(hook))
+    try:
+        yield got
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture_inputs(
     modules: Mapping[str, nn.Module], stop_after: str | None = None, detach: bool = True
-) -> Iterator[dict[str, Tensor]]:
+) -> ContextManager[dict[str, Tensor]]:
     """Record the first positional input of each module (e.g. the key ``k`` entering an MLP output projection).
 
     Yields a dict filled during the forward: name -> input tensor (batch, seq, dim) of the module's latest call.
     With ``stop_after`` (one of the names), the forward is aborted with :class:`StopForward` as soon as that module
     has been reached (before it runs); the exception is swallowed by this context manager.
     """
-    got: dict[str, Tensor] = {}
-    handles = []
-
-    def make(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _first_input(args, kwargs)
-            got[name] = x.detach() if detach else x
-            if name == stop_after:
-                raise StopForward
-
-        return hook
-
-    for name, m in modules.items():
-        handles.append(m.register_forward_pre_hook(make(name), with_kwargs=True))
-    try:
-        yield got
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    return _capture(modules, "in", stop_after, detach)
 
 
-@contextmanager
 def capture_outputs(
     modules: Mapping[str, nn.Module], stop_after: str | None = None, detach: bool = True
-) -> Iterator[dict[str, Tensor]]:
+) -> ContextManager[dict[str, Tensor]]:
     """Record the output tensor (first element if the module returns a tuple) of each module; yields name -> tensor.
 
     With ``stop_after`` (one of the names) the forward is aborted right after that module ran.
     """
-    got: dict[str, Tensor] = {}
-    handles = []
-
-    def make(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            y = _output_tensor(output)
-            got[name] = y.detach() if detach else y
-            if name == stop_after:
-                raise StopForward
-
-        return hook
-
-    for name, m in modules.items():
-        handles.append(m.register_forward_hook(make(name)))
-    try:
-        yield got
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    return _capture(modules, "out", stop_after, detach)
 
 
 @contextmanager

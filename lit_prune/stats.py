@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from . import nethook
 from .errors import CacheError
 from .models import cache_dir, load_texts
+from .text import pad_batch, pad_id
 
 
 @dataclass
@@ -228,7 +229,7 @@ def collect_second_moments(
     enc = [e for e in enc if e]
     sums: dict[str, Tensor | None] = {m: None for m in modules}
     count = 0
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     batches = _batches([len(e) for e in enc], batch_tokens)
     bar = tqdm(batches, desc=f"second moments of {len(modules)} module(s)", unit="batch",
                disable=not progress or rank != 0)
@@ -237,13 +238,7 @@ def collect_second_moments(
     t0 = time.perf_counter()
     try:
         for b in bar:
-            n = max(len(enc[i]) for i in b)
-            ids = torch.full((len(b), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(b), n), dtype=torch.long)
-            for r, i in enumerate(b):
-                ids[r, : len(enc[i])] = torch.tensor(enc[i])
-                mask[r, : len(enc[i])] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask, _, _ = pad_batch([enc[i] for i in b], pad, "right", device)
             with nethook.capture_inputs(mods, stop_after=last) as got:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             keep = mask.bool()

@@ -11,7 +11,8 @@ from lit_prune.editors import MEMIT, AlphaEdit
 from lit_prune.editors.compute_v import optimize_delta, optimize_deltas
 from lit_prune.editors.delta_forward import DeltaForward
 from lit_prune.editors.hparams import DeltaHParams
-from lit_prune.editors.tokens import pad_id, prompt_set
+from lit_prune.editors.tokens import prompt_set
+from lit_prune.text import pad_id
 from lit_prune.requests import EditRequest
 
 TEMPLATES = ["{}", "Hello there. {}", "Japan is a country in Asia, far away. {}"]

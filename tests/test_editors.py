@@ -3,7 +3,6 @@ against independent computations, fast vs plain δ forward, errors; one slow tes
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -255,10 +254,22 @@ def test_dense_as_low_rank_is_exact():
 
 # -- configuration and errors -----------------------------------------------------------------------------------------
 def test_constructors_are_config_friendly():
-    for cls in (ROME, MEMIT, FT):
-        sig = inspect.signature(cls.__init__)
-        assert all(p.default is not inspect.Parameter.empty for n, p in sig.parameters.items() if n != "self")
+    """What a config sees (jsonargparse follows ``**kwargs`` to the base constructors): every argument of the chain,
+    each with a default; the shared closed-form arguments reach ROME, MEMIT and AlphaEdit."""
+    from jsonargparse import ArgumentParser
+
+    from lit_prune.editors import AlphaEdit
+
+    shared = {"v_num_grad_steps", "v_lr", "clamp_norm_factor", "mom2_n_samples", "context_templates", "stats_dir"}
+    for cls, own in ((ROME, {"layers", "key_mode", "mom2_adjustment"}), (MEMIT, {"layers", "mom2_update_weight"}),
+                     (AlphaEdit, {"nullspace_threshold", "L2", "mom2_update_weight"}), (FT, {"layers", "lr"})):
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "editor")
+        names = set(vars(parser.parse_args([]).editor))  # parses without arguments: every one has a default
+        assert own <= names and (cls is FT or shared <= names), (cls.__name__, sorted(names))
         cls()  # no required argument, nothing resolved before a model is seen
+    with pytest.raises(TypeError, match=r"ROME: unknown hyper-parameter\(s\) \['v_lrr'\]"):
+        ROME(v_lrr=0.1)
 
 
 def test_presets_by_name_and_shape():
@@ -352,7 +363,7 @@ def test_rome_edits_counterfact_facts_on_smollm(smollm, data_dir):
     most; the neighbourhood prompt barely moves."""
     import json
 
-    from lit_prune.metrics.scoring import answer_nll
+    from lit_prune.metrics.scoring import score_answers
     from lit_prune.requests import template_from_prompt
 
     model, tok = smollm
@@ -365,10 +376,10 @@ def test_rome_edits_counterfact_facts_on_smollm(smollm, data_dir):
                "target_new": r["target_new"], "target_true": r["ground_truth"], "case_id": r["case_id"]}
         prompts = [r["prompt"]] * 2 + [r["rephrase_prompt"]] * 2 + [r["locality_prompt"]]
         answers = [r["target_new"], r["ground_truth"]] * 2 + [r["locality_ground_truth"]]
-        before = answer_nll(model, tok, prompts, answers)
+        before = score_answers(model, tok, prompts, answers).nll
         ups = ed.apply(model, tok, [req])
         try:
-            after = answer_nll(model, tok, prompts, answers)
+            after = score_answers(model, tok, prompts, answers).nll
         finally:
             apply_updates(model, ups, sign=-1)
         wins_prompt += int(after[0] < after[1])

@@ -24,7 +24,8 @@ from lit_prune.metrics.editing import (
     request_case_values,
     score_requests,
 )
-from lit_prune.metrics.scoring import answer_nll, score_answers, special_prefix
+from lit_prune.metrics.scoring import score_answers
+from lit_prune.text import special_prefix
 from lit_prune.requests import EditRequest
 
 PROMPTS = [
@@ -73,10 +74,10 @@ def test_answer_scores_match_manual_loop(tiny_model, side):
 
 def test_padding_sides_and_batch_sizes_agree(tiny_model):
     model, tok = tiny_model
-    ref = answer_nll(model, tok, PROMPTS, ANSWERS, batch_size=1, padding_side="right")
+    ref = score_answers(model, tok, PROMPTS, ANSWERS, batch_size=1, padding_side="right").nll
     for side in ("left", "right"):
         for bs in (3, 64):
-            torch.testing.assert_close(answer_nll(model, tok, PROMPTS, ANSWERS, batch_size=bs, padding_side=side),
+            torch.testing.assert_close(score_answers(model, tok, PROMPTS, ANSWERS, batch_size=bs, padding_side=side).nll,
                                        ref, rtol=0, atol=2e-5)
 
 

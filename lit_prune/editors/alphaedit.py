@@ -62,8 +62,7 @@ class AlphaEdit(MEMIT):
     hparams_class = AlphaEditHParams
 
     def __init__(self, *args: Any, nullspace_threshold: float = 2e-2, L2: float = 10.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._add_hparams(nullspace_threshold=nullspace_threshold, L2=L2)
+        super().__init__(*args, nullspace_threshold=nullspace_threshold, L2=L2, **kwargs)
         self._basis: dict[tuple, Tensor] = {}
         self.edited_keys: list[dict[str, Tensor]] = []
         """One entry per computed batch: edited module -> its keys K (k_dim, n), float32, CPU."""

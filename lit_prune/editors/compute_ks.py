@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .. import nethook
 from ..requests import EditRequest
-from .tokens import pad_id, pad_right, subject_prompts
+from ..text import pad_batch, pad_id
+from .tokens import subject_prompts
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def reprs_at_subject(
     token of every (request, template) prompt."""
     ids, lookup = subject_prompts(tok, requests, context_templates)
     device = next(model.parameters()).device
-    x, mask = pad_right(ids, pad_id(tok), device)
+    x, mask, _, _ = pad_batch(ids, pad_id(tok), "right", device)
     m = {module: model.get_submodule(module)}
     capture = nethook.capture_inputs if track == "in" else nethook.capture_outputs
     with capture(m, stop_after=module) as got:

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from .. import nethook
 from .architectures import ArchTemplates
-from .tokens import PromptSet, pad_right
+from ..text import pad_batch
+from .tokens import PromptSet
 
 Where = Literal["mlp", "layer"]
 """Where δ is added: the MLP output of the edited layer (ROME) or the residual stream after it (MEMIT)."""
@@ -112,7 +113,7 @@ class DeltaForward:
         if fast:
             self._prepare_fast()
         else:
-            self.ids, self.mask = pad_right(self.all_ids, pad_id, self.device)
+            self.ids, self.mask, _, _ = pad_batch(self.all_ids, pad_id, "right", self.device)
 
     # -- plain ------------------------------------------------------------------------------------------------------
     def _plain(self, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:

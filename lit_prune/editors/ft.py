@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from ..requests import EditRequest
 from .base import LowRankUpdate, Updates
 from .hparams import FTHParams
-from .locate import LocateEditor, constructor_arguments
-from .tokens import fill, pad_id, pad_right, subject_last_token, target_ids
+from .locate import LocateEditor
+from ..text import answer_ids, pad_batch, pad_id, prompt_ids
+from .tokens import fill
 
 
 def dense_as_low_rank(delta: Tensor) -> LowRankUpdate:
@@ -56,7 +57,9 @@ class FT(LocateEditor):
         layers_module: str | None = None,
         progress: bool = True,
     ) -> None:
-        super().__init__(**constructor_arguments(locals()))
+        super().__init__(layers=layers, num_steps=num_steps, lr=lr, norm_constraint=norm_constraint,
+                         early_stop_loss=early_stop_loss, rewrite_module_tmp=rewrite_module_tmp,
+                         layers_module=layers_module, progress=progress)
         self.last_info: dict[str, Any] = {}
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
@@ -68,9 +71,9 @@ class FT(LocateEditor):
         device = next(model.parameters()).device
         seqs, rows, cols, tgts, owner = [], [], [], [], []
         for i, r in enumerate(reqs):
-            text, end = fill(r.prompt, r.subject)
-            ids, _ = subject_last_token(tokenizer, text, end)
-            t = target_ids(tokenizer, text, r.target_new)
+            text, _ = fill(r.prompt, r.subject)
+            ids = prompt_ids(tokenizer, text)
+            t = answer_ids(tokenizer, r.target_new) if r.target_new.strip() else []
             if not t:
                 from ..requests import EditRequestError
 
@@ -78,7 +81,7 @@ class FT(LocateEditor):
             seqs.append(ids + t[:-1])
             for j, tok_id in enumerate(t):
                 rows.append(i), cols.append(len(ids) - 1 + j), tgts.append(tok_id), owner.append(i)
-        x, mask = pad_right(seqs, pad_id(tokenizer), device)
+        x, mask, _, _ = pad_batch(seqs, pad_id(tokenizer), "right", device)
         rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
         tgt_t, own_t = torch.tensor(tgts, device=device), torch.tensor(owner, device=device)
         n_tok = torch.bincount(own_t, minlength=len(reqs)).float()

@@ -1,4 +1,4 @@
-"""What ROME, MEMIT, AlphaEdit and FT share: the constructor, the resolved hyper-parameters
+"""What ROME, MEMIT, AlphaEdit and FT share: the constructors (:class:`LocateEditor`, :class:`ClosedFormEditor`), the resolved hyper-parameters
 (:mod:`~lit_prune.editors.hparams`) and module templates, request checks, context templates, the per-instance
 second-moment statistics (:class:`~lit_prune.stats.SecondMomentCache`), the fast-path check and weight restore."""
 
@@ -17,13 +17,9 @@ from .delta_forward import fast_path_matches
 from .hparams import HParams
 from .architectures import ArchTemplates, arch_templates
 from .presets import resolve_hparams
-from .tokens import CONTEXT_TEMPLATES, PromptSet, generate_context_templates, pad_id, validate_request
+from ..text import pad_id
+from .tokens import CONTEXT_TEMPLATES, PromptSet, generate_context_templates, validate_request
 from .weights import EditedMatrix
-
-
-def constructor_arguments(frame: Mapping[str, Any]) -> dict[str, Any]:
-    """A constructor's arguments from its ``locals()`` (taken first thing), without ``self`` and ``__class__``."""
-    return {k: v for k, v in frame.items() if k not in ("self", "__class__")}
 
 
 class LocateEditor(Editor):
@@ -34,8 +30,9 @@ class LocateEditor(Editor):
     Cholesky factors, the fast-path check) lives on the instance, keyed by the model's cache name.
 
     A subclass names its method (``method``: the preset key) and its hyper-parameter class (``hparams_class``,
-    :mod:`lit_prune.editors.hparams`), writes its constructor's signature (what configs and ``--print_config``
-    see) and passes its arguments on with ``super().__init__(**constructor_arguments(locals()))``.
+    :mod:`lit_prune.editors.hparams`), declares its own arguments and passes the rest on with ``**kwargs``
+    (jsonargparse follows ``super().__init__(..., **kwargs)``, so configs and ``--print_config`` see every argument
+    of the chain, each declared once).
     """
 
     method = ""
@@ -78,12 +75,6 @@ class LocateEditor(Editor):
         self._templates: dict[str, list[str]] = {}
         self._moments = SecondMomentCache()
         self._fast_ok: dict[tuple, bool] = {}
-
-    def _add_hparams(self, **values: Any) -> None:
-        """Record more hyper-parameters given to a subclass's constructor (checked like the others)."""
-        self.hparams_class.check(type(self).__name__, values)
-        self._given.update(values)
-        self._hparams.clear()
 
     @classmethod
     def for_model(cls, model: nn.Module, tokenizer: Any, **overrides: Any) -> "LocateEditor":
@@ -214,6 +205,43 @@ class LocateEditor(Editor):
         if not up.is_finite():
             raise EditError(f"{what} is not finite (NaN/inf); nothing was written")
         return up
+
+
+class ClosedFormEditor(LocateEditor):
+    """Base of the closed-form editors (ROME, MEMIT, AlphaEdit): the arguments they share, declared once.
+
+    Every hyper-parameter left as None takes the preset of the edited model (:mod:`lit_prune.editors.presets`):
+    ``v_num_grad_steps``, ``v_lr``, ``v_loss_layer`` (the layer whose output is read by the loss; default the last),
+    ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor`` and ``early_stop_loss`` of the δ optimisation
+    (:mod:`~lit_prune.editors.compute_v`); ``mom2_n_samples`` / ``mom2_max_length`` (texts and tokens per text for
+    the key statistics C, from ``mom2_dataset``). Context templates: the fixed
+    :data:`~lit_prune.editors.tokens.CONTEXT_TEMPLATES` unless ``context_templates`` (strings ending in ``"{}"``)
+    or ``context_template_lengths`` (ROME-style: greedy generations of that many new tokens from 5 seeds per length)
+    are given. Module templates default to the architecture's. ``fast=False`` runs the plain full forward at every
+    optimisation step (same result, slower). ``stats_dir`` defaults to ``cache_dir()/stats``.
+    """
+
+    def __init__(
+        self,
+        *,
+        v_num_grad_steps: int | None = None,
+        v_lr: float | None = None,
+        v_loss_layer: int | None = None,
+        v_weight_decay: float | None = None,
+        clamp_norm_factor: float | None = None,
+        kl_factor: float | None = None,
+        early_stop_loss: float | None = None,
+        mom2_n_samples: int | None = None,
+        mom2_max_length: int | None = None,
+        context_template_lengths: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            v_num_grad_steps=v_num_grad_steps, v_lr=v_lr, v_loss_layer=v_loss_layer, v_weight_decay=v_weight_decay,
+            clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, early_stop_loss=early_stop_loss,
+            mom2_n_samples=mom2_n_samples, mom2_max_length=mom2_max_length,
+            context_template_lengths=context_template_lengths, **kwargs,
+        )
 
 
 class restored_weights:

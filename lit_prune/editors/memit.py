@@ -28,8 +28,9 @@ from .compute_ks import compute_ks, reprs_at_subject
 from .compute_v import optimize_delta, optimize_deltas
 from .delta_forward import DeltaForward
 from .hparams import MEMITHParams
-from .locate import LocateEditor, concat_updates, constructor_arguments, restored_weights
-from .tokens import pad_id, prompt_set
+from .locate import ClosedFormEditor, concat_updates, restored_weights
+from ..text import pad_id
+from .tokens import prompt_set
 
 
 def memit_key_solve(solve_C: Any, K: Tensor, lam: float) -> Tensor:
@@ -41,14 +42,15 @@ def memit_key_solve(solve_C: Any, K: Tensor, lam: float) -> Tensor:
     return torch.linalg.solve(S, X.T).T
 
 
-class MEMIT(LocateEditor):
+class MEMIT(ClosedFormEditor):
     """Mass-Editing Memory in a Transformer. ``MEMIT.for_model(model, tok)`` then ``editor.apply(model, tok, reqs)``.
 
-    Arguments as :class:`ROME` (None = the model's preset), plus ``mom2_update_weight`` (λ). ``layers`` lists the
-    edited layers; δ is optimised on the residual stream after the last of them and clamped to
-    ``clamp_norm_factor`` × its norm. ``batch_z`` (default True): the z of a batch's requests are optimised
-    together, each with its own δ and early stop (same result as one at a time up to float rounding, faster);
-    False: one request at a time. ``z_batch_size`` caps the requests optimised together (memory; None: all).
+    ``layers`` lists the edited layers (None: the model's preset); δ is optimised on the residual stream after the
+    last of them and clamped to ``clamp_norm_factor`` × its norm. ``mom2_update_weight`` (λ; None: the preset). The
+    shared arguments are :class:`~lit_prune.editors.locate.ClosedFormEditor`'s. ``batch_z`` (default True): the z of
+    a batch's requests are optimised together, each with its own δ and early stop (same result as one at a time up
+    to float rounding, faster); False: one request at a time. ``z_batch_size`` caps the requests optimised together
+    (memory; None: all).
     """
 
     method = "memit"
@@ -57,46 +59,26 @@ class MEMIT(LocateEditor):
     def __init__(
         self,
         layers: list[int] | None = None,
-        v_num_grad_steps: int | None = None,
-        v_lr: float | None = None,
-        v_loss_layer: int | None = None,
-        v_weight_decay: float | None = None,
-        clamp_norm_factor: float | None = None,
-        kl_factor: float | None = None,
-        early_stop_loss: float | None = None,
         mom2_update_weight: float | None = None,
-        mom2_dataset: str = "wiki-offline",
-        mom2_n_samples: int | None = None,
-        mom2_max_length: int | None = None,
-        context_template_lengths: list[int] | None = None,
-        context_templates: list[str] | None = None,
-        rewrite_module_tmp: str | None = None,
-        mlp_module_tmp: str | None = None,
-        layer_module_tmp: str | None = None,
-        layers_module: str | None = None,
-        ln_f_module: str | None = None,
-        lm_head_module: str | None = None,
-        stats_dir: str | None = None,
-        fast: bool = True,
-        progress: bool = True,
         batch_z: bool = True,
         z_batch_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        args = constructor_arguments(locals())
-        self.batch_z = bool(args.pop("batch_z"))
+        self.batch_z = bool(batch_z)
         """Optimise the z of a batch's requests together (one batched forward/backward per step, identical result up
         to float rounding; :func:`~lit_prune.editors.compute_v.optimize_deltas`); False: one request at a time."""
-        self.z_batch_size = args.pop("z_batch_size")
-        """At most this many requests per batched z optimisation (memory); None: the whole batch."""
+        self.z_batch_size = z_batch_size
+        """At most this many requests per batched z optimisation (memory; None: the whole batch)."""
         if self.z_batch_size is not None and int(self.z_batch_size) < 1:
             raise ValueError(f"{type(self).__name__}: z_batch_size must be >= 1 or None, got {self.z_batch_size}")
-        super().__init__(**args)
+        super().__init__(layers=layers, mom2_update_weight=mom2_update_weight, **kwargs)
         self.last_keys: dict[str, Tensor] = {}
         """Edited module -> the keys K (k_dim, n), float64, of the latest :meth:`compute`'s batch."""
         self.last_info: list[dict[str, Any]] = []
         """One record per request of the latest :meth:`compute` (z optimisation: losses, steps, seconds; ``h``: the
         residual stream after the last edited layer at the subject's last token of the bare prompt before the edit,
-        ``z`` = h + δ its target, both (hidden,) float32)."""
+        ``z`` = h + δ its target, both (hidden,) float32; ``prompts``: the
+        :class:`~lit_prune.editors.tokens.PromptSet` whose tokens z was optimised on)."""
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         super().prepare(model, tokenizer)
@@ -119,7 +101,8 @@ class MEMIT(LocateEditor):
             res = optimize_delta(forward, hp.delta())
             zs.append(res.target.double())
             self.last_info.append({"request": i, "losses": res.losses, "steps": len(res.losses), "fast": fast,
-                                   "h": res.v_init, "z": res.target, "seconds": time.perf_counter() - t0})
+                                   "h": res.v_init, "z": res.target, "seconds": time.perf_counter() - t0,
+                                   "prompts": ps})
         return torch.stack(zs, 1)
 
     def compute_zs_batched(self, model: nn.Module, tok: Any, requests: list[EditRequest],
@@ -141,8 +124,8 @@ class MEMIT(LocateEditor):
             results += optimize_deltas(forward, hp.delta()) if len(part) > 1 else [optimize_delta(forward, hp.delta())]
         seconds = (time.perf_counter() - t0) / len(requests)
         self.last_info = [{"request": i, "losses": res.losses, "steps": len(res.losses), "fast": fast,
-                           "h": res.v_init, "z": res.target, "seconds": seconds, "batched": True}
-                          for i, res in enumerate(results)]
+                           "h": res.v_init, "z": res.target, "seconds": seconds, "batched": True,
+                           "prompts": sets[i]} for i, res in enumerate(results)]
         return torch.stack([res.target.double() for res in results], 1)
 
     # -- the batch's targets and the closed-form update, separately (rank-shared work: SequentialEditingModule) ----

@@ -36,23 +36,18 @@ from .compute_u import compute_u
 from .compute_v import optimize_delta
 from .delta_forward import DeltaForward
 from .hparams import ROMEHParams
-from .locate import LocateEditor, concat_updates, constructor_arguments, restored_weights
-from .tokens import PromptSet, pad_id, prompt_set
+from .locate import ClosedFormEditor, concat_updates, restored_weights
+from ..text import pad_id
+from .tokens import PromptSet, prompt_set
 from .weights import EditedMatrix
 
 
-class ROME(LocateEditor):
+class ROME(ClosedFormEditor):
     """Rank-One Model Editing. ``ROME.for_model(model, tok)`` then ``editor.apply(model, tok, requests)``.
 
-    Every hyper-parameter left as None takes the preset of the edited model (:mod:`lit_prune.editors.presets`):
-    ``layers`` (one layer, or several edited in turn), ``v_num_grad_steps``, ``v_lr``, ``v_loss_layer`` (the layer
-    whose output is read by the loss; default the last), ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``,
-    ``early_stop_loss``, ``mom2_adjustment`` (u = C⁻¹k*; False: u = k*), ``mom2_n_samples`` / ``mom2_max_length``
-    (texts and tokens per text for C, from ``mom2_dataset``). Context templates: the fixed
-    :data:`~lit_prune.editors.tokens.CONTEXT_TEMPLATES` unless ``context_templates`` (strings ending in ``"{}"``) or
-    ``context_template_lengths`` (ROME-style: greedy generations of that many new tokens from 5 seeds per length)
-    are given. Module templates default to the architecture's. ``fast=False`` runs the plain full forward at every
-    optimisation step (same result, slower). ``stats_dir`` defaults to ``cache_dir()/stats``.
+    ``layers`` (one layer, or several edited in turn) and ``mom2_adjustment`` (u = C⁻¹k*; False: u = k*) take the
+    edited model's preset when None; the shared arguments (δ optimisation, statistics, context templates, module
+    templates, ``fast``, ``stats_dir``) are :class:`~lit_prune.editors.locate.ClosedFormEditor`'s.
 
     ``key_mode``: ``"averaged"`` (default, r-ROME: k̄ in u, residual and denominator) or ``"original"`` (the paper's
     ROME: u = C⁻¹k̄, the bare prompt's key k₀ in the residual and the denominator); see the module docstring. It is
@@ -66,34 +61,15 @@ class ROME(LocateEditor):
     def __init__(
         self,
         layers: int | list[int] | None = None,
-        v_num_grad_steps: int | None = None,
-        v_lr: float | None = None,
-        v_loss_layer: int | None = None,
-        v_weight_decay: float | None = None,
-        clamp_norm_factor: float | None = None,
-        kl_factor: float | None = None,
-        early_stop_loss: float | None = None,
         mom2_adjustment: bool | None = None,
-        mom2_dataset: str = "wiki-offline",
-        mom2_n_samples: int | None = None,
-        mom2_max_length: int | None = None,
-        context_template_lengths: list[int] | None = None,
-        context_templates: list[str] | None = None,
-        rewrite_module_tmp: str | None = None,
-        mlp_module_tmp: str | None = None,
-        layer_module_tmp: str | None = None,
-        layers_module: str | None = None,
-        ln_f_module: str | None = None,
-        lm_head_module: str | None = None,
-        stats_dir: str | None = None,
-        fast: bool = True,
-        progress: bool = True,
         key_mode: Literal["averaged", "original"] = "averaged",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**constructor_arguments(locals()))
+        super().__init__(layers=layers, mom2_adjustment=mom2_adjustment, key_mode=key_mode, **kwargs)
         self.last_info: list[dict[str, Any]] = []
         """One record per (request, layer) of the latest :meth:`compute`: loss curve, steps, seconds, fast path, the keys
-        ``k_star`` (k̄) and ``k0`` (k₀), ``rho`` = uᵀk₀ / uᵀk̄, ``v_star`` (v*) and ``key_mode``."""
+        ``k_star`` (k̄) and ``k0`` (k₀), ``rho`` = uᵀk₀ / uᵀk̄, ``v_star`` (v*), ``key_mode`` and ``prompts`` (the
+        :class:`~lit_prune.editors.tokens.PromptSet` whose tokens v* was optimised on)."""
 
     def prepare(self, model: nn.Module, tokenizer: Any) -> None:
         super().prepare(model, tokenizer)
@@ -146,4 +122,4 @@ class ROME(LocateEditor):
         up = mat.update(V=residual, K=u / denom)
         rho = float((u @ k0.double().to(u.device)) / (u @ k_star.double().to(u.device)))
         return up, {"losses": res.losses, "steps": len(res.losses), "fast": fast, "key_mode": hp.key_mode,
-                    "k_star": k_star, "k0": k0, "rho": rho, "v_star": res.target}
+                    "k_star": k_star, "k0": k0, "rho": rho, "v_star": res.target, "prompts": prompts}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..requests import EditRequest, EditRequestError
+from ..text import answer_ids, prompt_ids, prompt_ids_and_offsets
 
 CONTEXT_TEMPLATES = (
     "{}",
@@ -39,41 +40,16 @@ CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 _SENTINEL = "\ue000"
 
 
-def _ids_offsets(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    if getattr(tok, "is_fast", False):
-        enc = tok(text, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    return list(tok(text)["input_ids"]), None
-
-
 def subject_last_token(tok: Any, text: str, subj_end: int) -> tuple[list[int], int]:
-    """Token ids of ``text`` (with the tokenizer's special tokens) and the index of the token holding the subject's
-    last character (``text[subj_end - 1]``)."""
-    ids, offsets = _ids_offsets(tok, text)
+    """Prompt ids of ``text`` (:func:`lit_prune.text.prompt_ids`: special prefix + its own tokens) and the index of
+    the token holding the subject's last character (``text[subj_end - 1]``)."""
+    ids, offsets = prompt_ids_and_offsets(tok, text)
     if offsets is not None:
         idx = max((i for i, (s, e) in enumerate(offsets) if e > s and s < subj_end), default=None)
         if idx is not None:
             return ids, idx
     # slow tokenizers: ROME's rule, the last token of the tokenised text up to the subject's end
-    n_prefix = len(tok(text[:subj_end])["input_ids"])
-    return ids, max(0, n_prefix - 1)
-
-
-def target_ids(tok: Any, prompt_text: str, target: str) -> list[int]:
-    """Ids of ``" " + target`` as they follow ``prompt_text`` (no special tokens).
-
-    Taken from the joint tokenisation when the prompt's ids are a prefix of it (exactly what the model sees), else
-    tokenised alone; a lone SentencePiece word-boundary token is dropped.
-    """
-    pre = list(tok(prompt_text, add_special_tokens=False)["input_ids"])
-    full = list(tok(prompt_text + " " + target, add_special_tokens=False)["input_ids"])
-    if full[: len(pre)] == pre and len(full) > len(pre):
-        ids = full[len(pre):]
-    else:
-        ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
-        if len(ids) > 1 and not tok.decode(ids[:1]).strip():
-            ids = ids[1:]
-    return ids
+    return ids, max(0, len(prompt_ids(tok, text[:subj_end])) - 1)
 
 
 def fill(template: str, subject: str) -> tuple[str, int]:
@@ -88,8 +64,8 @@ class PromptSet:
     """The prompts of one request for the δ optimisation (ROME ``compute_v`` / MEMIT ``compute_z``).
 
     ``ids[i]``: token ids; rows ``0..n_rewrite-1`` are ``context_i + prompt(subject) + target[:-1]``, the remaining
-    rows the KL ("essence") prompts. ``lookup[i]``: index of the subject's last token in row i. ``target``: ids of
-    ``" " + target_new``. ``prompt_len[i]``: length of row i without the appended target tokens.
+    rows the KL ("essence") prompts. ``lookup[i]``: index of the subject's last token in row i. ``target``: the answer
+    ids of ``target_new`` (:func:`lit_prune.text.answer_ids`, exactly the tokens the metrics score). ``prompt_len[i]``: length of row i without the appended target tokens.
     """
 
     ids: list[list[int]]
@@ -131,8 +107,7 @@ def prompt_set(
     where: str = "request",
 ) -> PromptSet:
     """Tokenise the rewriting prompts (one per context template) and the KL prompts of ``req``."""
-    bare, _ = fill(req.prompt, req.subject)
-    tgt = target_ids(tok, bare, req.target_new)
+    tgt = answer_ids(tok, req.target_new) if req.target_new.strip() else []
     if not tgt:
         cid = f" (case_id {req.case_id})" if req.case_id is not None else ""
         raise EditRequestError(f"{where}{cid}: field 'target_new' {req.target_new!r} has no tokens")
@@ -171,24 +146,6 @@ def subject_prompts(
             ids.append(p)
             lookup.append(idx)
     return ids, lookup
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, max_len), real tokens first (positions 0..n-1 as unpadded)."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tok: Any) -> int:
-    for v in (tok.pad_token_id, tok.eos_token_id, 0):
-        if v is not None:
-            return int(v)
-    return 0
 
 
 @torch.no_grad()

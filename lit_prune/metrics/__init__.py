@@ -25,7 +25,7 @@ from .editing import (
     score_requests,
 )
 from .report import FinalMetricsReporter, format_table, write_final_metrics
-from .scoring import AnswerScores, answer_nll, score_answers
+from .scoring import AnswerScores, score_answers
 from .tasks import load_examples, normalize_answer, parse_true_false, qa_exact_match
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
     "TextPerplexity",
     "TokenAccuracy",
     "TokenPerplexity",
-    "answer_nll",
     "format_table",
     "generate",
     "load_examples",

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from .editing import prefers
-from .scoring import _pad_id, answer_ids, pad_batch, score_answers, special_prefix
+from ..text import answer_ids, pad_batch, pad_id, prefers, special_prefix
+from .scoring import score_answers
 from .tasks import (
     GENERATION_TASKS,
     MAX_NEW_TOKENS,
@@ -253,7 +253,7 @@ def generate(
     prefix = special_prefix(tok)
     keep = max(1, max_length - max_new_tokens - len(prefix))
     ids = [prefix + list(tok(p, add_special_tokens=False)["input_ids"])[-keep:] for p in prompts]
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     eos = getattr(model.generation_config, "eos_token_id", None) or tok.eos_token_id
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                            eos_token_id=eos)
@@ -287,7 +287,7 @@ def text_nll(
     ids = [(prefix + list(tok(t, add_special_tokens=False)["input_ids"]))[:max_length] for t in texts]
     ids = [s for s in ids if len(s) > 1]
     device = next(model.parameters()).device
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     total, count = 0.0, 0
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     was_training = model.training

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from ..requests import EditRequest
+from ..text import prefers
 from .scoring import score_answers
 
 SCORES = ("efficacy", "generalization", "locality")
@@ -46,14 +47,6 @@ def case_means(values: Tensor, case_index: Tensor | None = None) -> Tensor:
     tot = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, values)
     cnt = torch.bincount(idx, minlength=k).double()
     return tot / cnt
-
-
-def prefers(nll_a: Tensor, nll_b: Tensor, magnitude: bool = False) -> Tensor:
-    """Per prompt: 1.0 where answer a is more likely than b (NLL(a) < NLL(b)), or P(a) − P(b) with ``magnitude``."""
-    nll_a, nll_b = torch.as_tensor(nll_a).double(), torch.as_tensor(nll_b).double()
-    if magnitude:
-        return torch.exp(-nll_a) - torch.exp(-nll_b)
-    return (nll_a < nll_b).double()
 
 
 def token_agreement(predictions: Sequence[Tensor], targets: Sequence[Tensor | Sequence[int]]) -> Tensor:
@@ -103,6 +96,9 @@ class Efficacy(CaseMean):
     ``update(nll_new, nll_true, case_index=None)`` takes (n,) NLLs of the prompts.
     """
 
+    new_wins = True
+    """The preferred answer: the new object (efficacy, generalization) or the true one (:class:`Locality`)."""
+
     def __init__(self, magnitude: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.magnitude = magnitude
@@ -110,27 +106,22 @@ class Efficacy(CaseMean):
     def update(  # type: ignore[override]
         self, nll_new: Tensor, nll_true: Tensor, case_index: Tensor | None = None
     ) -> None:
-        self._accumulate(prefers(nll_new, nll_true, self.magnitude), case_index)
+        a, b = (nll_new, nll_true) if self.new_wins else (nll_true, nll_new)
+        self._accumulate(prefers(a, b, self.magnitude), case_index)
 
 
 class Generalization(Efficacy):
     """:class:`Efficacy` on paraphrase prompts: mean over each case's paraphrases, then over cases."""
 
 
-class Locality(CaseMean):
+class Locality(Efficacy):
     """Neighbourhood prompts keep the true object: NLL(true) < NLL(new), mean per case then over cases.
 
-    With ``magnitude=True``: mean P(true) − P(new) (the sign of the efficacy magnitude flipped).
+    With ``magnitude=True``: mean P(true) − P(new) (the sign of the efficacy magnitude flipped). Same ``update``
+    arguments as :class:`Efficacy`.
     """
 
-    def __init__(self, magnitude: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.magnitude = magnitude
-
-    def update(  # type: ignore[override]
-        self, nll_new: Tensor, nll_true: Tensor, case_index: Tensor | None = None
-    ) -> None:
-        self._accumulate(prefers(nll_true, nll_new, self.magnitude), case_index)
+    new_wins = False
 
 
 class TokenAccuracy(CaseMean):
@@ -261,8 +252,8 @@ def request_case_values(
         if kind == "prefer" or kind == "keep":
             i_new, i_true = args
             a, b = (i_new, i_true) if kind == "prefer" else (i_true, i_new)
-            vals[key].append((c, float(s.nll[a] < s.nll[b])))
-            vals[f"{key}_magnitude"].append((c, float(torch.exp(-s.nll[a]) - torch.exp(-s.nll[b]))))
+            vals[key].append((c, float(prefers(s.nll[a], s.nll[b]))))
+            vals[f"{key}_magnitude"].append((c, float(prefers(s.nll[a], s.nll[b], magnitude=True))))
         elif kind == "acc":
             vals[key].append((c, float(s.accuracy[args[0]])))
         else:
@@ -276,16 +267,10 @@ def request_case_values(
     return out
 
 
-def score_requests(
-    model: nn.Module,
-    tok: Any,
-    requests: Sequence[EditRequest],
-    batch_size: int = 32,
-    pre_predictions: PrePredictions | None = None,
-    padding_side: str = "left",
-) -> dict[str, float]:
+def score_requests(model: nn.Module, tok: Any, requests: Sequence[EditRequest], **options: Any) -> dict[str, float]:
     """All editing scores of ``requests`` on the model as it is now, in this process: ``{key: value}`` for the keys
-    of :data:`KEYS` that apply (rates in [0, 1], magnitudes in [−1, 1])."""
+    of :data:`KEYS` that apply (rates in [0, 1], magnitudes in [−1, 1]). ``options``: those of
+    :func:`request_case_values` (``batch_size``, ``pre_predictions``, ``padding_side``)."""
     m = EditScores(sync_on_compute=False)
-    m.update(request_case_values(model, tok, requests, batch_size, pre_predictions, padding_side))
+    m.update(request_case_values(model, tok, requests, **options))
     return {k: float(v) for k, v in m.compute().items()}

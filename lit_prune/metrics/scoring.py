@@ -4,8 +4,8 @@ For a prompt ``p`` and an answer ``t`` (tokenised as ``" " + t``)::
 
     NLL(t | p) = −(1/|t|) · Σ_j log P(t_j | p, t_<j)
 
-Prompt and answer are tokenised separately and their ids concatenated, so no prompt token and no BOS is ever
-scored; a tokenizer that adds BOS gets it once, before the prompt. Many (prompt, answer) pairs share one forward:
+Prompt and answer ids follow the one rule of :mod:`lit_prune.text` (prompt ids + answer ids, tokenised separately),
+so no prompt token and no BOS is ever scored, and the tokens scored are the tokens the editors optimise. Many (prompt, answer) pairs share one forward:
 
 * each distinct prompt runs once; its last position gives the first token of every answer to it, so the true and
   the new object of a CounterFact prompt cost one sequence of the prompt's length;
@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ..text import answer_ids, pad_batch, pad_id, prompt_ids, special_prefix
 
 
 @dataclass
@@ -49,34 +51,6 @@ class AnswerScores:
         return torch.exp(-self.nll)
 
 
-def special_prefix(tok: Any) -> list[int]:
-    """Ids the tokenizer puts before a text (BOS for Llama-2-style tokenizers, nothing for GPT-2/SmolLM2)."""
-    plain = tok("x", add_special_tokens=False)["input_ids"]
-    full = tok("x")["input_ids"]
-    for i in range(len(full) - len(plain) + 1):
-        if full[i : i + len(plain)] == plain:
-            return list(full[:i])
-    return []
-
-
-def prompt_ids(tok: Any, prompt: str, prefix: list[int] | None = None) -> list[int]:
-    """Ids of a prompt: the tokenizer's special prefix (BOS, if any) + the prompt's own tokens; never a suffix."""
-    pre = special_prefix(tok) if prefix is None else prefix
-    return pre + list(tok(prompt, add_special_tokens=False)["input_ids"])
-
-
-def answer_ids(tok: Any, answer: str) -> list[int]:
-    """Ids of ``" " + answer`` without special tokens.
-
-    SentencePiece tokenizers may emit a lone word-boundary token for the leading space (``"▁"``, decoding to
-    nothing); it is dropped so that only the answer's own tokens are scored.
-    """
-    ids = list(tok(" " + answer, add_special_tokens=False)["input_ids"])
-    if len(ids) > 1 and not tok.decode(ids[:1]).strip():
-        ids = ids[1:]
-    return ids
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -88,36 +62,6 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward's name for the key/value cache (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left"
-) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-    """Pad id lists into ``(input_ids, attention_mask, position_ids, offsets)``, each tensor (B, T).
-
-    ``offsets[r]`` is where row ``r``'s first token sits. Position ids count real tokens only (0 at each row's first
-    token), so left padding gives the same positions as right padding.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    offsets = []
-    for r, s in enumerate(seqs):
-        o = T - len(s) if side == "left" else 0
-        ids[r, o : o + len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[r, o : o + len(s)] = 1
-        offsets.append(o)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos, offsets
-
-
-def _pad_id(tok: Any) -> int:
-    for t in (tok.pad_token_id, tok.eos_token_id):
-        if t is not None:
-            return int(t)
-    return 0
 
 
 @torch.no_grad()
@@ -161,7 +105,7 @@ def score_answers(
     device = _device(model)
     keep_arg = _accepts_logits_to_keep(model)
     cache_kw = _cache_kwarg(model)
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     # per pair: answer-position logits' log-prob of the answer token and argmax, filled batch by batch
     logp: list[list[float]] = [[0.0] * len(a_ids[a]) for a in answers]
     preds: list[list[int]] = [[0] * len(a_ids[a]) for a in answers]
@@ -244,14 +188,3 @@ def score_answers(
     acc = torch.tensor([float((p == t).float().mean()) for p, t in zip(pred_t, targets)], dtype=torch.float32)
     return AnswerScores(nll, acc, pred_t, targets)
 
-
-def answer_nll(
-    model: nn.Module,
-    tok: Any,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    batch_size: int = 32,
-    padding_side: str = "left",
-) -> Tensor:
-    """(n,) float32 length-normalised NLL of each ``" " + answer`` after its prompt (see :func:`score_answers`)."""
-    return score_answers(model, tok, prompts, answers, batch_size, padding_side).nll

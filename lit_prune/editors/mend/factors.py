@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ...requests import EditRequest
+from ...text import answer_nll, prompt_answer_batch
 from ..architectures import mlp_pairs
 from ..base import EditError, default_num_layers, get_module, get_parameter
 from ..weights import Orientation
@@ -57,50 +58,6 @@ def factor_dims(model: nn.Module, param: str) -> tuple[int, int]:
     return (cols, rows) if orientation(model, param) == "linear" else (rows, cols)
 
 
-def tokenize_answers(
-    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], device: torch.device | str | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ``prompt + " " + answer`` token ids, attention mask and labels (-100 outside the answer).
-
-    The answer is tokenized on its own with a leading space and without special tokens, so only its tokens are
-    scored (a tokenizer's BOS stays in front of the prompt). Returns (B, L) ``input_ids``, ``attention_mask``,
-    ``labels``.
-    """
-    rows, labels = [], []
-    for p, a in zip(prompts, answers, strict=True):
-        p_ids = tokenizer(p)["input_ids"]
-        a_ids = tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"]
-        if not a_ids:
-            raise EditError(f"answer {a!r} for prompt {p!r} tokenizes to nothing")
-        rows.append(p_ids + a_ids)
-        labels.append([-100] * len(p_ids) + a_ids)
-    length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
-    lab = torch.tensor([r + [-100] * (length - len(r)) for r in labels], device=device)
-    return ids, mask, lab
-
-
-def tokenize_texts(tokenizer: Any, texts: Sequence[str], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """Right-padded token ids and attention mask of whole texts, (B, L) each."""
-    rows = [tokenizer(t)["input_ids"] for t in texts]
-    length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
-    return ids, mask
-
-
-def answer_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per sequence mean NLL of the labelled (answer) tokens: (B,) from (B, L, V) logits and (B, L) labels."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    lab = labels[:, 1:]
-    keep = lab != -100
-    tok_logp = logp.gather(-1, lab.clamp(min=0)[..., None])[..., 0] * keep
-    return -tok_logp.sum(1) / keep.sum(1).clamp(min=1)
-
-
 def edit_texts(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
     """Prompts (subject filled in) and new objects of the edit examples."""
     return [r.full_prompt for r in requests], [r.target_new for r in requests]
@@ -119,7 +76,7 @@ def gradient_factors(model: nn.Module, tokenizer: Any, requests: Sequence[EditRe
     if not requests:
         raise EditError("MEND: no edit requests")
     device = next(model.parameters()).device
-    ids, mask, labels = tokenize_answers(tokenizer, *edit_texts(requests), device=device)
+    ids, mask, labels = prompt_answer_batch(tokenizer, *edit_texts(requests), device=device)
     return factors_and_logits(model, ids, mask, labels, params)[0]
 
 

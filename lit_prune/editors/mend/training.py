@@ -21,7 +21,6 @@ were trained for.
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...data.formats import read_records, records_to_requests
+from ...errors import fail
 from ...requests import EditRequest, EditRequestError
+from ...text import answer_nll, prompt_answer_batch, token_accuracy
 from ..base import Updates
 from .editor import STATE_PREFIX, load_hypernetwork, model_info, save_hypernetwork
 from .factors import (
-    answer_nll,
     default_mend_parameters,
     factor_dims,
     factors_and_logits,
     gradient_factors,
     orientation,
-    tokenize_answers,
 )
 from .hypernet import MENDHypernetwork
 
@@ -141,14 +140,6 @@ def kl_pre_post(pre_logits: Tensor, post_logits: Tensor, mask: Tensor) -> Tensor
     kl = (pre.exp() * (pre - post)).sum(-1)
     m = mask.to(kl.dtype)
     return (kl * m).sum() / m.sum().clamp(min=1)
-
-
-def token_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per sequence fraction of answer tokens that are the argmax prediction (teacher forced): (B,)."""
-    pred = logits[:, :-1].argmax(-1)
-    lab = labels[:, 1:]
-    keep = lab != -100
-    return ((pred == lab) & keep).sum(1).float() / keep.sum(1).clamp(min=1)
 
 
 class MENDTrainingModule(L.LightningModule):
@@ -268,7 +259,7 @@ class MENDTrainingModule(L.LightningModule):
         """
         b = len(batch)
         prompts, answers, n_edit = self._rows(batch)
-        ids, mask, labels = tokenize_answers(self.tokenizer, prompts, answers, device=self.device)
+        ids, mask, labels = prompt_answer_batch(self.tokenizer, prompts, answers, device=self.device)
         inner = torch.cat([torch.arange(b), torch.arange(n_edit, n_edit + b)]).to(ids.device)
         inner_labels = labels[inner].clone()
         inner_labels[b:] = -100  # locality rows: logits only, no fine-tuning loss
@@ -326,7 +317,7 @@ class MENDTrainingModule(L.LightningModule):
             rows_a += [r.target_new, r.target_true or r.target_new]
         rows_p.append(ex.loc_prompt)
         rows_a.append(ex.loc_answer)
-        ids, mask, labels = tokenize_answers(self.tokenizer, rows_p, rows_a, device=self.device)
+        ids, mask, labels = prompt_answer_batch(self.tokenizer, rows_p, rows_a, device=self.device)
         pre = self.model(input_ids=ids, attention_mask=mask).logits
         post = self.edited_logits(updates, ids, mask)
         nll_pre, nll_post = answer_nll(pre, labels), answer_nll(post, labels)
@@ -388,12 +379,15 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"default_env": False},
             args=args,
         )
-    except EditRequestError as e:
-        sys.exit(f"error: {e}")
+    except Exception as e:  # noqa: BLE001 - a configuration error ends as one line (errors.fail)
+        fail(e)
     ckpt = cli.config.get("ckpt_path")
-    if cli.config.get("validate_first") and ckpt is None:
-        cli.trainer.validate(cli.model, datamodule=cli.datamodule)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        if cli.config.get("validate_first") and ckpt is None:
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except Exception as e:  # noqa: BLE001 - so does a failing run (LIT_PRUNE_DEBUG=1: the traceback)
+        fail(e)
 
 
 if __name__ == "__main__":
