@@ -242,9 +242,8 @@ class Evaluator:
         for view, alpha in list(views.items())[: 1 if n == 0 else None]:
             stream.show(alpha)
             rows += [row(run, view, n, f"spectrum/{k}", v) for k, v in stream.spectrum().items()]
-            for j in range(max(0, n - batch), n) if n > 0 else ():  # each request of the batch just edited
-                vals = request_case_values(self.model, self.tok, [self.requests[j]], batch_size=a.batch_size)
-                rows += score_rows(run, view, j + 1, "immediate", vals, with_ci=False)
+            if n > 0:  # each request of the batch just edited, scored in one pass
+                rows += self.immediate_rows(run, view, list(range(max(0, n - batch), n)))
             if do_ppl:
                 sums, counts = per_text_nll(self.model, self.tok, self.texts)
                 ppl, lo, hi = perplexity_interval(sums, counts)
@@ -260,6 +259,22 @@ class Evaluator:
         stream.hide()
         if n == 0:
             rows += [{**r, "view": v} for v in list(views)[1:] for r in rows]
+        return rows
+
+
+    def immediate_rows(self, run: str, view: str, idx: list[int]) -> list[dict]:
+        """``immediate/*`` rows of requests ``idx`` (one per request, at its own N = j + 1), scored in one batched
+        pass; per request when some request lacks a score (then the per-case values cannot be told apart)."""
+        bs = self.args.batch_size
+        vals = request_case_values(self.model, self.tok, [self.requests[j] for j in idx], batch_size=bs)
+        if all(len(v) == len(idx) for v in vals.values()):
+            return [r for k, j in enumerate(idx)
+                    for r in score_rows(run, view, j + 1, "immediate", {m: v[k : k + 1] for m, v in vals.items()},
+                                        with_ci=False)]
+        rows = []
+        for j in idx:
+            one = request_case_values(self.model, self.tok, [self.requests[j]], batch_size=bs)
+            rows += score_rows(run, view, j + 1, "immediate", one, with_ci=False)
         return rows
 
 
@@ -324,6 +339,11 @@ def run(args) -> None:
         online, views = RUNS[run_name]
         if run_name == "stream" and args.rect_view:
             views = {**views, **RECT_VIEW}
+        if run_name == "stream" and args.views:
+            unknown = sorted(set(args.views) - set(views))
+            if unknown:
+                raise SystemExit(f"--views: unknown view(s) {unknown}; the stream has {sorted(views)}")
+            views = {v: views[v] for v in views if v in args.views}
         tag = f"{label}/{run_name}"
         ckpt, rows_file = out / f"{label}_{run_name}.pt", out / f"{label}_{run_name}.jsonl"
         stream = Stream(model, names, online, tau)
@@ -443,6 +463,8 @@ def main() -> None:
                         "rect_prune_online (RECT then PRUNE, both online)")
     r.add_argument("--rect-view", action="store_true", help="also show the deferred RECT view (k=0.4) of the stream")
     r.add_argument("--edit-batch", type=int, default=1, help="requests per edit (batch-sequential editing)")
+    r.add_argument("--views", nargs="+", default=None,
+                   help="evaluate only these views of the stream (default: all; 'none' is the unrestrained model)")
     r.add_argument("--n", type=int, default=200)
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))

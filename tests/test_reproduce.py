@@ -250,3 +250,31 @@ def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver)
 
     acc = AccumulatedUpdate.from_state_dict(torch.load(out / "ft_rect_online.pt", weights_only=False)["matrices"][name])
     assert float((acc.delta() != 0).double().mean()) == pytest.approx(0.4, abs=1e-3)  # RECT's sparse committed ΔW
+
+
+def test_batch_stream_scores_each_request_and_a_subset_of_views(tmp_path, model_dir, driver):
+    """--edit-batch 2: the immediate rows are each request of the batch scored after the batch is applied (one
+    batched pass, checked against scoring each request alone); --views keeps only the named views."""
+    from lit_prune.data.formats import load_requests
+    from lit_prune.editors import FT, apply_updates
+    from lit_prune.metrics.editing import request_case_values
+    from lit_prune.models import load_model
+
+    out = tmp_path / "out"
+    driver("run", "--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 4, "--ppl-every", 4,
+           "--ppl-texts", 2, "--threads", 1, "--n", 4, "--edit-batch", 2, "--runs", "stream",
+           "--views", "none", "deferred_e", "--out", out)
+    rows = rows_of(out / "ft_stream.jsonl")
+    assert {r["view"] for r in rows if r["view"] != "-"} == {"none", "deferred_e"}
+    imm = {r["n"]: r["value"] for r in rows if r["metric"] == "immediate/efficacy_magnitude" and r["view"] == "none"}
+    assert sorted(imm) == [1, 2, 3, 4]
+    model, tok = load_model(str(model_dir))
+    reqs, ed = load_requests(DEMO, n=4), FT()
+    for b in (0, 2):
+        apply_updates(model, ed.compute(model, tok, reqs[b : b + 2]))
+        for j in (b, b + 1):
+            alone = request_case_values(model, tok, [reqs[j]])["efficacy_magnitude"]
+            assert imm[j + 1] == pytest.approx(float(alone[0]), abs=1e-5)
+    with pytest.raises(SystemExit, match=r"--views: unknown view\(s\) \['deferred_2'\]"):
+        driver("run", "--editor", "ft", "--model", model_dir, "--data", DEMO, "--n", 2, "--runs", "stream",
+               "--views", "deferred_2", "--out", tmp_path / "other", "--threads", 1, "--ppl-texts", 2)
