@@ -103,32 +103,18 @@ def test_resume_views_online_and_report(tmp_path, model_dir, driver, capsys):
 HP = {"lr": 0.5, "norm_constraint": 1.0}  # large FT updates on the tiny model, so ΔW passes τ and PRUNE acts
 
 
-class Recorder:
-    """Listed after PruneCallback: what it logged and the weights as written, after every edit."""
+def test_driver_rows_equal_train_py_runs_with_prune_callback(tmp_path, model_dir, driver):
+    """The driver's deferred and online rows are what ``train.py`` with PruneCallback logs on the same edit stream:
+    κ and σ_max(ΔW) after every edit (TensorBoard curves) and the exported weights at N."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
 
-    def __new__(cls, name):
-        import lightning as L
-
-        class _Recorder(L.Callback):
-            def __init__(self):
-                self.metrics, self.weights = {}, {}
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                n = pl_module.num_edits
-                self.metrics[n] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("spectrum/")}
-                self.weights[n] = pl_module.model.get_parameter(name).detach().clone()
-
-        return _Recorder()
-
-
-def test_driver_rows_equal_prune_callback_runs(tmp_path, model_dir, driver):
-    """The driver's deferred and online rows are what PruneCallback produces on the same edit stream."""
-    import lightning as L
-
-    from lit_prune import EditDataModule, SequentialEditingModule
-    from lit_prune.callbacks import PruneCallback
     from lit_prune.editors import FT
     from lit_prune.restraint import AccumulatedUpdate
+
+    sys.path.insert(0, str(ROOT))
+    from train import main as train_main
 
     out, n = tmp_path / "out", 3
     driver("run", "--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 10, "--ppl-every", 10,
@@ -140,29 +126,36 @@ def test_driver_rows_equal_prune_callback_runs(tmp_path, model_dir, driver):
 
     for mode, view, rows, file in (("deferred", "deferred_e", stream, "ft_stream.pt"),
                                    ("online", "online_e", online, "ft_online.pt")):
-        module = SequentialEditingModule(model=str(model_dir), editor=FT(**HP))
-        rec = Recorder(name)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path / mode,
-                            callbacks=[PruneCallback(mode=mode), rec])
-        trainer.fit(module, datamodule=EditDataModule(path=str(DEMO), n_edits=n))
-        assert module.num_edits == n
+        cfg = {
+            "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "enable_progress_bar": False,
+                        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(tmp_path / "runs"), "name": mode}},
+                        "callbacks": [{"class_path": "lit_prune.callbacks.PruneCallback",
+                                       "init_args": {"mode": mode, "alpha": math.e}}]},
+            "model": {"model": str(model_dir), "export_dir": "auto",
+                      "editor": {"class_path": "lit_prune.editors.FT", "init_args": HP}},
+            "data": {"path": str(DEMO), "n_edits": n},
+        }
+        (tmp_path / f"{mode}.yaml").write_text(yaml.safe_dump(cfg))
+        train_main(["--config", str(tmp_path / f"{mode}.yaml")])
+        run = tmp_path / "runs" / mode / "version_0"
+        acc = EventAccumulator(str(run)).Reload()
+        logged = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in (kappa, sigma,
+                                                                               f"spectrum/{name}/n_restrained")}
         saved = torch.load(out / file, weights_only=False)
         st = AccumulatedUpdate.from_state_dict(saved["matrices"][name])
         driver_w = saved["weights"][name].clone()  # unrestrained (stream) or online-restrained weights at N
         if mode == "deferred":  # the driver's deferred view at N, written as its Stream.show writes it
             st.write_restrained(driver_w, math.e)
-        W = module.model.get_parameter(name).detach()
+        W = AutoModelForCausalLM.from_pretrained(run / "edited_model").get_parameter(name).detach()
         assert float((W - driver_w).double().norm() / driver_w.double().norm()) < 1e-6
-        tau = st.tau
         for k in range(1, n + 1):
-            logged = rec.metrics[k]
-            assert metrics(rows, view, k)[kappa] == pytest.approx(logged[f"spectrum/{name}/condition_number"], rel=1e-5)
-            pre_F = logged[f"spectrum/{name}/delta_sigma_max"]  # the callback logs σ_max(ΔW) before F
+            assert metrics(rows, view, k)[kappa] == pytest.approx(logged[kappa][k], rel=1e-5)
+            pre_F = logged[sigma][k]  # the callback logs σ_max(ΔW) before F
             if mode == "deferred":
                 assert metrics(rows, "none", k)[sigma] == pytest.approx(pre_F, rel=1e-5)
-            assert metrics(rows, view, k)[sigma] == pytest.approx(F(pre_F, tau, math.e), rel=1e-5)
-        assert any(logged[f"spectrum/{name}/n_restrained"] > 0 for logged in rec.metrics.values())  # PRUNE acted
+            assert metrics(rows, view, k)[sigma] == pytest.approx(F(pre_F, st.tau, math.e), rel=1e-5)
+        assert any(v > 0 for v in logged[f"spectrum/{name}/n_restrained"].values())  # PRUNE acted
 
 
 def _loaded(model_dir):
