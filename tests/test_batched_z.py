@@ -74,6 +74,25 @@ def test_requests_stop_early_independently(tiny_model, fast):
     for a, b in zip(many, one):
         torch.testing.assert_close(a.delta, b.delta, rtol=0, atol=1e-5)
         torch.testing.assert_close(a.v_init, b.v_init, rtol=0, atol=1e-5)
+    # without rebuilding the forward on the requests still optimising: the same result, more rows computed
+    sizes: dict[float, list[int]] = {}
+    original = DeltaForward.many
+    for shrink in (0.0, 0.75):
+        seen = sizes.setdefault(shrink, [])
+
+        def spy(self, deltas, seen=seen):
+            seen.append(deltas.shape[0])
+            return original(self, deltas)
+
+        DeltaForward.many = spy
+        try:
+            again = optimize_deltas(DeltaForward(model, arch, sets, 1, "layer", None, fast, pad_id(tok)), hp, shrink)
+        finally:
+            DeltaForward.many = original
+        for a, b in zip(again, many):
+            torch.testing.assert_close(a.delta, b.delta, rtol=0, atol=1e-5)
+    assert set(sizes[0.0]) == {len(REQS)} and min(sizes[0.75]) < len(REQS)
+    assert sum(sizes[0.75]) < sum(sizes[0.0])
 
 
 def test_single_request_keeps_the_per_request_path(tiny_llama, tiny_tokenizer):

@@ -80,14 +80,16 @@ def optimize_delta(forward: DeltaForward, hp: DeltaHParams) -> DeltaResult:
     return DeltaResult(v_init, delta.detach().clone(), losses)
 
 
-def optimize_deltas(forward: DeltaForward, hp: DeltaHParams) -> list[DeltaResult]:
+def optimize_deltas(forward: DeltaForward, hp: DeltaHParams, shrink: float = 0.75) -> list[DeltaResult]:
     """:func:`optimize_delta` for every request of a batched ``forward`` (built on several prompt sets) at once.
 
     Each request has its own δ and its own Adam state; each step runs ONE batched forward/backward
-    (:meth:`DeltaForward.many`) over the rows of the requests still optimising. A request stops exactly where the
-    one-request optimisation would (loss below ``early_stop_loss``, non-finite loss, last iteration) and its δ stays
-    frozen while the others continue. Rows never interact, so request j's loss and gradient depend on δ_j alone:
-    the result equals one :func:`optimize_delta` per request up to float rounding.
+    (:meth:`DeltaForward.many`). A request stops exactly where the one-request optimisation would (loss below
+    ``early_stop_loss``, non-finite loss, last iteration) and its δ stays frozen while the others continue. Once the
+    requests still optimising are at most ``shrink`` × those in the forward, the forward is rebuilt on them alone,
+    so finished requests stop costing compute (the total work is then about the per-request optimisations' own).
+    Rows never interact, so request j's loss and gradient depend on δ_j alone: the result equals one
+    :func:`optimize_delta` per request up to float rounding.
     """
     sets = forward.sets
     n = len(sets)
@@ -95,31 +97,39 @@ def optimize_deltas(forward: DeltaForward, hp: DeltaHParams) -> list[DeltaResult
     hidden = forward.model.get_input_embeddings().embedding_dim
     deltas = [torch.zeros(hidden, device=dev, requires_grad=True) for _ in range(n)]
     opts = [torch.optim.Adam([d], lr=hp.v_lr) for d in deltas]
-    t_req, kl_req = forward.t_req, forward.kl_req
-    n_kl = torch.bincount(kl_req, minlength=n).clamp_min(1).float()  # per-request batchmean
     tgt_len = torch.tensor([float(len(ps.target)) for ps in sets], device=dev)
     n_rw = torch.tensor([float(ps.n_rewrite) for ps in sets], device=dev)
-    kl_init: Tensor | None = None
+    kl_init: list[Tensor] = []  # per request: its KL rows' log-distribution at δ = 0
     v_init: Tensor | None = None
     losses: list[list[float]] = [[] for _ in range(n)]
     active = list(range(n))
+    local = list(range(n))  # the requests in the current forward, in its order
     with torch.enable_grad(), nethook.frozen(forward.model):
         for it in range(hp.v_num_grad_steps):
             if not active:
                 break
+            if len(active) <= shrink * len(local):
+                forward = DeltaForward(forward.model, forward.arch, [sets[j] for j in active], forward.layer,
+                                       forward.where, forward.loss_layer, forward.fast, forward.pad_id)
+                local = list(active)
+            m = len(local)
+            t_req, kl_req = forward.t_req, forward.kl_req
+            n_kl = torch.bincount(kl_req, minlength=m).clamp_min(1).float()  # per-request batchmean
+            idx = torch.tensor(local, device=dev)
             for j in active:
                 opts[j].zero_grad()
-            logp_t, kl_logp, v0 = forward.many(torch.stack(deltas))
-            if kl_init is None:
-                kl_init, v_init = kl_logp.detach().clone(), v0.detach().clone()
-            assert v_init is not None
+            logp_t, kl_logp, v0 = forward.many(torch.stack([deltas[j] for j in local]))
+            if v_init is None:
+                v_init = v0.detach().clone()
+                kl_init = [kl_logp[kl_req == j].detach().clone() for j in range(n)]
+            kl_ref = torch.cat([kl_init[j] for j in local], 0)
             # per request: nll_j = -mean over its rewriting rows of (sum of its row's target log-probs / T_j)
-            nll = -torch.zeros(n, device=dev).index_add(0, t_req, logp_t / tgt_len[t_req]) / n_rw
-            kl_rows = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(1)
-            kl = hp.kl_factor * torch.zeros(n, device=dev).index_add(0, kl_req, kl_rows) / n_kl
-            wd = hp.v_weight_decay * torch.stack([d.norm() for d in deltas]) / v_init.norm(dim=1) ** 2
+            nll = -torch.zeros(m, device=dev).index_add(0, t_req, logp_t / tgt_len[idx][t_req]) / n_rw[idx]
+            kl_rows = F.kl_div(kl_ref, kl_logp, log_target=True, reduction="none").sum(1)
+            kl = hp.kl_factor * torch.zeros(m, device=dev).index_add(0, kl_req, kl_rows) / n_kl
+            wd = hp.v_weight_decay * torch.stack([deltas[j].norm() for j in local]) / v_init[idx].norm(dim=1) ** 2
             loss = nll + kl + wd
-            values = loss.tolist()
+            values = dict(zip(local, loss.tolist()))
             stepping = []
             for j in active:
                 losses[j].append(values[j])
@@ -129,7 +139,8 @@ def optimize_deltas(forward: DeltaForward, hp: DeltaHParams) -> list[DeltaResult
             active = stepping
             if not stepping:
                 break
-            loss[stepping].sum().backward()
+            pos = {j: k for k, j in enumerate(local)}
+            loss[[pos[j] for j in stepping]].sum().backward()
             for j in stepping:
                 opts[j].step()
                 max_norm = hp.clamp_norm_factor * v_init[j].norm()

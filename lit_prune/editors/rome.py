@@ -19,6 +19,10 @@ and then, by ``key_mode`` (stored orientation: weights.py):
 
 Several requests in one call are edited one after another, each computed with the previous ones applied; the
 returned update is their sum (factors concatenated, rank = number of requests). The caller's weights are unchanged.
+Decision: ROME's batch path stays sequential, also its δ optimisation: request j's v* is optimised on the weights
+that already hold requests 0..j-1, so the optimisations depend on each other and batching them (as MEMIT's z,
+which all run on the unedited weights) would change the method. For the same reason ROME does not declare
+``shares_targets``: with several processes every rank computes the same update (evaluation is still sharded).
 :attr:`ROME.last_info` records k̄, k₀, v* and ρ of every (request, layer).
 """
 
