@@ -78,7 +78,8 @@ def write(res: dict) -> None:
         "no new run is better than the bundled hypernetwork on both measures, so the bundled one stays "
         "(`lit_prune/data/mend-smollm2-135m.pt`). Neither run reaches the goal: on CounterFact the neighbourhood "
         "prompts share the edited relation (and often the true object), and the transform that writes the edit "
-        "also moves them; a larger locality weight lowers the drawdown only together with the edit success."), ""]
+        "also moves them; a larger locality weight lowers the drawdown only together with the edit success. "
+        "`single_edit.md`'s MEND row is therefore the bundled hypernetwork's."), ""]
     (RESULTS / "mend_training.md").write_text("\n".join(lines))
     try:
         import matplotlib
