@@ -119,9 +119,21 @@ def test_batched_updates_equal_per_request_updates(tiny_llama, tiny_tokenizer, c
 
 
 def test_z_batch_size_chunks_give_the_same_z(tiny_llama, tiny_tokenizer):
-    zs = [MEMIT(layers=[1], context_templates=TEMPLATES, z_batch_size=k, **HP).compute_zs(
+    zs = [MEMIT(layers=[1], context_templates=TEMPLATES, z_batch_size=k, batch_z=True, **HP).compute_zs(
         tiny_llama, tiny_tokenizer, REQS, TEMPLATES) for k in (None, 3, 1)]
     for z in zs[1:]:
         torch.testing.assert_close(z, zs[0], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="z_batch_size"):
         MEMIT(z_batch_size=0)
+
+
+def test_auto_batches_z_only_off_the_cpu(tiny_llama, tiny_tokenizer):
+    """batch_z="auto" (the default): one request at a time on a CPU (measured cheaper there), together elsewhere."""
+    ed = MEMIT(layers=[1], context_templates=TEMPLATES, **HP)
+    assert ed.batch_z == "auto" and not ed.batches_z(tiny_llama)
+    ed.compute_zs(tiny_llama, tiny_tokenizer, REQS, TEMPLATES)
+    assert not any(i.get("batched") for i in ed.last_info)
+    meta = type(tiny_llama)(tiny_llama.config).to("meta")
+    assert ed.batches_z(meta) and MEMIT(batch_z=True).batches_z(tiny_llama)
+    with pytest.raises(ValueError, match="batch_z must be True, False or 'auto', got 'yes'"):
+        MEMIT(batch_z="yes")

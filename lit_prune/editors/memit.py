@@ -17,7 +17,7 @@ factors V = R/(L − i) and K' = (λC + KKᵀ)⁻¹K (rank ≤ n) in the stored 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +47,13 @@ class MEMIT(ClosedFormEditor):
 
     ``layers`` lists the edited layers (None: the model's preset); δ is optimised on the residual stream after the
     last of them and clamped to ``clamp_norm_factor`` × its norm. ``mom2_update_weight`` (λ; None: the preset). The
-    shared arguments are :class:`~lit_prune.editors.locate.ClosedFormEditor`'s. ``batch_z`` (default True): the z of
-    a batch's requests are optimised together, each with its own δ and early stop (same result as one at a time up
-    to float rounding, faster); False: one request at a time. ``z_batch_size`` caps the requests optimised together
-    (memory; None: all).
+    shared arguments are :class:`~lit_prune.editors.locate.ClosedFormEditor`'s. ``batch_z``: True: the z of a
+    batch's requests are optimised together, each with its own δ and early stop (same result as one at a time up to
+    float rounding); False: one request at a time; ``"auto"`` (default): together on an accelerator, one at a time
+    on a CPU. Decision: on a CPU the stacked rows are padded to the longest prompt and each request's optimisation
+    is already compute-bound, so batching costs more than it saves (``benchmarks/results/scaling.md``: 6.0 s per
+    edit alone, 7.5 one at a time and 8.1 batched in a batch of 10, 9.4 batched in a batch of 50). ``z_batch_size``
+    caps the requests optimised together (memory; None: all).
     """
 
     method = "memit"
@@ -60,13 +63,16 @@ class MEMIT(ClosedFormEditor):
         self,
         layers: list[int] | None = None,
         mom2_update_weight: float | None = None,
-        batch_z: bool = True,
+        batch_z: bool | Literal["auto"] = "auto",
         z_batch_size: int | None = None,
         **kwargs: Any,
     ) -> None:
-        self.batch_z = bool(batch_z)
+        if batch_z not in (True, False, "auto"):
+            raise ValueError(f"{type(self).__name__}: batch_z must be True, False or 'auto', got {batch_z!r}")
+        self.batch_z = batch_z
         """Optimise the z of a batch's requests together (one batched forward/backward per step, identical result up
-        to float rounding; :func:`~lit_prune.editors.compute_v.optimize_deltas`); False: one request at a time."""
+        to float rounding; :func:`~lit_prune.editors.compute_v.optimize_deltas`); False: one request at a time;
+        ``"auto"``: together unless the model is on a CPU (:meth:`batches_z`)."""
         self.z_batch_size = z_batch_size
         """At most this many requests per batched z optimisation (memory; None: the whole batch)."""
         if self.z_batch_size is not None and int(self.z_batch_size) < 1:
@@ -84,10 +90,16 @@ class MEMIT(ClosedFormEditor):
         super().prepare(model, tokenizer)
         self.load_stats(model, tokenizer)
 
+    def batches_z(self, model: nn.Module) -> bool:
+        """Whether a batch's z are optimised together on ``model`` (``batch_z``; ``"auto"``: not on a CPU)."""
+        if self.batch_z == "auto":
+            return next(model.parameters()).device.type != "cpu"
+        return bool(self.batch_z)
+
     def compute_zs(self, model: nn.Module, tok: Any, requests: list[EditRequest], templates: list[str]) -> Tensor:
         """(hidden, n) float64 target residuals z at the last edited layer (records in ``last_info``). With
         ``batch_z`` and several requests the δ of all requests are optimised together (:meth:`compute_zs_batched`)."""
-        if self.batch_z and len(requests) > 1:
+        if self.batches_z(model) and len(requests) > 1:
             return self.compute_zs_batched(model, tok, requests, templates)
         hp, arch = self.hparams(model), self.arch(model)
         z_layer = max(hp.layers)
