@@ -202,7 +202,9 @@ def part_stream(args) -> dict:
         elif r["metric"] in ("downstream/perplexity", "retention/efficacy", "retention/generalization",
                              "retention/locality"):
             d[r["metric"].split("/")[1]] = [r["value"], r.get("lo"), r.get("hi")]
-    out = {"rows": [{"view": v, "n": n, **d} for (v, n), d in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0]))]}
+    keep = ("perplexity", "efficacy", "edit_s")  # evaluation points (every 100 edits) and batch timings only
+    out = {"rows": [{"view": v, "n": n, **d} for (v, n), d in sorted(table.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+                    if any(k in d for k in keep)]}
     try:
         import matplotlib
 
@@ -321,9 +323,15 @@ def report() -> str:
             lines.append(f"| {r['n']} | {r['view']} | {r.get('kappa_max', float('nan')):.1f} | "
                          f"{r.get('ratio_max', float('nan')):.2f} | {fmt_ci(r.get('perplexity'))} | "
                          f"{fmt_ci(r.get('efficacy'))} | {fmt_ci(r.get('generalization'))} | {fmt_ci(r.get('locality'))} |")
+        done = max(r["n"] for r in st["rows"])
+        if done < 1000:
+            lines += ["", f"**In progress: N = {done} of 1000.** The same command resumes the stream where it stopped "
+                          "(its state is local); then `python benchmarks/bench_scaling.py --part stream`."]
         secs = [r["edit_s"] for r in st["rows"] if r["view"] == "-" and "edit_s" in r]
         if secs:
-            lines += ["", f"{len(secs)} batches, {sum(secs) * 100 / 3600:.2f} h of editing ({sum(secs) / len(secs):.1f} s per edit on average)."]
+            lines += ["", f"{len(secs)} batches, {sum(secs) * 100 / 3600:.2f} h of editing ({sum(secs) / len(secs):.1f} s "
+                          "per edit on average; the first batch with batched z, the later ones one request at a time "
+                          "(`batch_z=\"auto\"` on a CPU); the machine was shared with other jobs)."]
         lines.append("")
     text = "\n".join(lines)
     (RESULTS / "scaling.md").write_text(text)
