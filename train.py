@@ -74,6 +74,24 @@ def expand_strategy_name(args: list[str]) -> list[str]:
     return out
 
 
+def condense_error(message: str) -> str:
+    """jsonargparse's error for a class argument (``Does not validate against any of the Union subtypes`` with its
+    subtypes, the ``NoneType`` alternative and the given value) as one line: the key, the class and what was wrong
+    (``LIT_PRUNE_DEBUG=1`` shows the original)."""
+    noise = ("Does not validate against any of the Union subtypes", "Errors:", "- Expected a", "Given value type")
+    lines = [ln.strip() for ln in message.strip().splitlines() if not ln.strip().startswith(noise) and "NestedArg(" not in ln]
+    at = next((i for i, ln in enumerate(lines) if ln.startswith("- Problem with given class_path")), None)
+    if at is None:
+        return " ".join(lines)
+    cls = lines[at].split("'")[1] if lines[at].count("'") >= 2 else "?"
+    detail = []
+    for ln in lines[at + 1:]:
+        if ln.startswith("- "):
+            break
+        detail.append(ln)
+    return f"{lines[0].rstrip(':')}: {cls}: {' '.join(detail)}"
+
+
 class EditingArgumentParser(LightningArgumentParser):
     """A command line that does not parse gets its error and a pointer to ``--help``, not the 50-line usage."""
 
@@ -81,7 +99,7 @@ class EditingArgumentParser(LightningArgumentParser):
         if not self.exit_on_error or debug_enabled():
             super().error(message, ex)
         prog = self.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {message.strip()}\n(`{prog} --help` lists every option)\n")
+        sys.stderr.write(f"error: {condense_error(message)}\n(`{prog} --help` lists every option)\n")
         sys.exit(2)
 
 

@@ -51,7 +51,7 @@ def load_results() -> dict:
 
 def save_part(name: str, value: dict) -> None:
     res = load_results()
-    res[name] = {**value, "machine": machine(), "loadavg_at_start": value.get("loadavg_at_start")}
+    res[name] = {**value, "machine": machine()}
     JSON.write_text(json.dumps(res, indent=1))
 
 

@@ -127,17 +127,6 @@ def prompt_answer_batch(
     return ids, mask, lab
 
 
-def text_batch(
-    tok: Any, texts: Sequence[str], device: torch.device | str | None = None, max_length: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Right-padded ids and attention mask of whole texts (the tokenizer's special tokens included), (B, L) each;
-    ``max_length`` truncates each text."""
-    trunc = {"truncation": True, "max_length": max_length} if max_length else {}
-    rows = [list(tok(t, **trunc)["input_ids"]) for t in texts]
-    ids, mask, _, _ = pad_batch(rows, pad_id(tok), "right", device)
-    return ids, mask
-
-
 def answer_nll(logits: Tensor, labels: Tensor) -> Tensor:
     """(B,) mean NLL of the labelled tokens: position t's logits predict ``labels[:, t + 1]``; -100 = not scored.
 

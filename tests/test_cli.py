@@ -133,3 +133,17 @@ def test_mend_configs_run_sequential_edits(tmp_path, name):
         assert len(spectrum) == 6 and all("layers.2" in t for t in spectrum)
     else:
         assert spectrum == []
+
+
+@pytest.mark.parametrize("arg, needles", [
+    (["--model.editor.init_args.v_lrr", "0.1"], ["model.editor", "lit_prune.editors.ROME", "Option 'v_lrr' is not accepted"]),
+    (["--trainer.max_epochs", "x"], ["trainer.max_epochs", "Given value: x"]),
+])
+def test_bad_option_is_one_line(arg, needles, capsys):
+    """A value jsonargparse rejects: one error line naming the key (and the class), then the --help pointer."""
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(ROOT / "configs" / "smollm2_rome.yaml"), *arg])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("error: ") and "--help" in err[1], err
+    assert all(n in err[0] for n in needles), err[0]
