@@ -13,6 +13,11 @@ shipped code paths. Four parts, each resumable on its own (results merge into ``
   all-gathered, every rank solves the same update), one torch thread per process; the batch's wall time (from the
   training step's start to its end on rank 0) and the max difference of the edited weights between the two runs.
 - ``retention``: seconds of ``request_case_values`` (all editing scores) over the first 100, 500 and 1000 records.
+- ``single``: single sequential edits kept as fast as before this work: the first 10 CounterFact edits, one request
+  per ``compute``, each applied before the next, timed with the code of this checkout and with the code of commit
+  :data:`BEFORE` (the state the issue measured against EasyEdit; a ``git worktree``), in alternation, in one run, at
+  EasyEdit's settings (ROME: layer 4, 21 context templates, 25 steps; MEMIT: layers 4–8, 6 templates, 25 steps,
+  λ = 15000) and at the presets; plus the max difference of the edited weights between the two versions.
 - ``stream``: the ≥ 1000-edit stream's curves, read from the rows of ``reproduce.py run --editor memit --edit-batch
   100 --n 1000 --label memit_b100 --out benchmarks/results/long_stream`` (κ, σ_max(ΔW)/τ, perplexity and retention
   efficacy every 100 edits, without restraint and with deferred PRUNE α = e), and a figure.
@@ -22,6 +27,7 @@ Timing parts should run on a quiet machine: each records the load average when i
     python benchmarks/bench_scaling.py --part batch [--sizes 1 10 50 100]
     python benchmarks/bench_scaling.py --part ranks [--ranks-batch 20]
     python benchmarks/bench_scaling.py --part retention
+    python benchmarks/bench_scaling.py --part single [--threads 2]
     python benchmarks/bench_scaling.py --part stream
     python benchmarks/bench_scaling.py --report       # scaling.md from scaling.json only
 """
@@ -32,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,6 +165,89 @@ def part_ranks(args) -> dict:
         v.pop("w")
     return {"batch": args.ranks_batch, "runs": {str(k): v for k, v in res.items()}, "max_weight_diff": diff,
             "loadavg_at_start": load}
+
+
+# -- single edits: before vs after, in one run -----------------------------------------------------------------------
+BEFORE = "8122ddc"
+"""The commit the scaling issue measured single edits on (ROME 11.2 s / MEMIT 5.5 s per edit at EasyEdit's settings,
+against EasyEdit's 38 s / 17 s, in the developers' guide)."""
+EASYEDIT_S = {"ROME": 38.0, "MEMIT": 17.0}  # EasyEdit's seconds per edit at its settings (developers' guide)
+_EXTRA = ("Indeed. {}", "As expected, {}", "In other words, {}", "It is said that {}", "Some people know that {}",
+          "According to the records, {}", "On the other hand, {}", "Many years later, {}", "For the record, {}",
+          "To be precise, {}")
+
+
+def single_settings() -> dict[str, tuple[str, dict]]:
+    """name -> (editor, constructor arguments): EasyEdit's settings (ROME: 21 templates = the 11 default ones and 10
+    more fixed ones; MEMIT: the first 6 default templates) and the presets."""
+    from lit_prune.editors.tokens import CONTEXT_TEMPLATES
+
+    return {
+        "ROME, EasyEdit's settings": ("ROME", {"layers": [4], "v_num_grad_steps": 25,
+                                               "context_templates": list(CONTEXT_TEMPLATES) + list(_EXTRA)}),
+        "MEMIT, EasyEdit's settings": ("MEMIT", {"layers": [4, 5, 6, 7, 8], "v_num_grad_steps": 25,
+                                                 "context_templates": list(CONTEXT_TEMPLATES[:6]),
+                                                 "mom2_update_weight": 15000.0}),
+        "ROME, presets": ("ROME", {}),
+        "MEMIT, presets (λ = 15000 in both)": ("MEMIT", {"mom2_update_weight": 15000.0}),
+    }
+
+
+SINGLE_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads({threads})
+from lit_prune.models import load_model
+from lit_prune.data.formats import load_requests
+from lit_prune.editors import ROME, MEMIT, apply_updates
+model, tok = load_model("smollm2-135m")
+reqs = load_requests({data!r}, n={n})
+editor = {{"ROME": ROME, "MEMIT": MEMIT}}[{editor!r}].for_model(model, tok, progress=False, **{kwargs!r})
+seconds, names = [], set()
+for r in reqs:
+    t0 = time.perf_counter()
+    up = editor.compute(model, tok, [r])
+    apply_updates(model, up)
+    seconds.append(time.perf_counter() - t0)
+    names |= set(up)
+torch.save({{"seconds": seconds, "w": {{p: model.get_parameter(p).detach().clone() for p in sorted(names)}}}}, {out!r})
+"""
+
+
+def part_single(args) -> dict:
+    load = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        before = Path(tmp) / "before"
+        r = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), BEFORE],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"git worktree add {BEFORE} failed: {r.stderr.strip()}")
+        try:
+            for i, (name, (editor, kwargs)) in enumerate(single_settings().items()):
+                got = {}
+                order = [("before", before), ("after", ROOT)]
+                for which, root in (order if i % 2 == 0 else order[::-1]):  # alternate which version goes first
+                    out = str(Path(tmp) / f"{which}{i}.pt")
+                    script = Path(tmp) / "single.py"
+                    script.write_text(SINGLE_SCRIPT.format(root=str(root), threads=args.threads, n=args.single_n,
+                                                           data=str(counterfact_file("edit")), editor=editor,
+                                                           kwargs=kwargs, out=out))
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                                         cwd=tmp)
+                    if res.returncode != 0:
+                        raise SystemExit(f"{name} ({which}) failed:\n{res.stderr[-3000:]}")
+                    got[which] = torch.load(out, weights_only=False)
+                    print(f"{name} ({which}): {sum(got[which]['seconds']) / args.single_n:.2f} s/edit", flush=True)
+                diff = max(float((got["before"]["w"][p] - got["after"]["w"][p]).abs().max()) for p in got["after"]["w"])
+                rows.append({"setting": name, "editor": editor, "before_s": got["before"]["seconds"],
+                             "after_s": got["after"]["seconds"], "max_weight_diff": diff,
+                             "first": order[0][0] if i % 2 == 0 else order[1][0]})
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
+    return {"before": BEFORE, "edits": args.single_n, "rows": rows, "loadavg_at_start": load,
+            "threads": args.threads}
 
 
 # -- retention -----------------------------------------------------------------------------------------------------
@@ -307,6 +397,23 @@ def report() -> str:
         for r in rt["rows"]:
             lines.append(f"| {r['edits']} | {r['prompts']} | {r['seconds']:.1f} | {1000 * r['seconds'] / r['edits']:.0f} |")
         lines.append("")
+    sg = res.get("single")
+    if sg:
+        lines += ["## Single edits: before and after, one run", "",
+                  f"{sg['machine']}; load {sg['loadavg_at_start']:.2f} at start. The first {sg['edits']} CounterFact "
+                  f"edits, sequential (each applied before the next), with this checkout's code (after) and with "
+                  f"commit {sg['before']}'s (before: the code the issue measured against EasyEdit), in alternation "
+                  "(the `first` column), statistics cached. Median seconds per edit.", "",
+                  "| setting | before s/edit | after s/edit | after vs before | after vs EasyEdit | first | edited weights, max diff |",
+                  "|---|---:|---:|---:|---:|---|---:|"]
+        for r in sg["rows"]:
+            b, a = statistics.median(r["before_s"]), statistics.median(r["after_s"])
+            ee = (f"{EASYEDIT_S[r['editor']] / a:.1f}× faster ({EASYEDIT_S[r['editor']]:.0f} s)"
+                  if "EasyEdit" in r["setting"] else "–")
+            lines.append(f"| {r['setting']} | {b:.2f} | {a:.2f} | {b / a:.2f}× | {ee} | {r['first']} | "
+                         f"{r['max_weight_diff']:.1e} |")
+        lines += ["", "EasyEdit's seconds per edit are the developers' guide's (same machine, same edits, side by side); "
+                      "the targets are ROME ≥ 3× and MEMIT ≥ 2× faster than EasyEdit at its settings.", ""]
     st = res.get("stream")
     if st:
         lines += ["## 1000 sequential edits: MEMIT in batches of 100", "",
@@ -340,7 +447,8 @@ def report() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["batch", "ranks", "retention", "stream"])
+    ap.add_argument("--part", choices=["batch", "ranks", "retention", "single", "stream"])
+    ap.add_argument("--single-n", type=int, default=10, help="edits per version and setting (part single)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 100])
     ap.add_argument("--ranks-batch", type=int, default=20)
     ap.add_argument("--retention-n", type=int, nargs="+", default=[100, 500, 1000])
@@ -349,7 +457,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part:
-        value = {"batch": part_batch, "ranks": part_ranks, "retention": part_retention, "stream": part_stream}[args.part](args)
+        value = {"batch": part_batch, "ranks": part_ranks, "retention": part_retention, "single": part_single,
+                 "stream": part_stream}[args.part](args)
         save_part(args.part, value)
     print(report())
 

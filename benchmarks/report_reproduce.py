@@ -94,8 +94,8 @@ def _band(ax, pts: dict, label: str, scale: float = 1.0, marker: str = ".") -> N
                         color=line.get_color(), alpha=0.2)
 
 
-def table(s: dict) -> str:
-    """The main table: each (label, view) at its largest N, the unedited model first."""
+def _columns(s: dict) -> tuple[list[str], list[tuple[str, float]]]:
+    """The table's header and its (metric, scale) columns after the edit scores, for the rows ``s``."""
     extra = [(k, t) for k, t in EXTRA if any(k in m for m in s.values())]
     base = next((m for (lbl, v), m in sorted(s.items()) if v == "none" and 0 in m.get("downstream/perplexity", {})),
                 None)
@@ -109,38 +109,120 @@ def table(s: dict) -> str:
     head = (["editor", "restraint", "N"] + [f"Retention {t}" for _, t in EDIT_COLUMNS]
             + [f"Immediate {t}" for _, t in EDIT_COLUMNS] + ["Perplexity"]
             + [t + flags.get(k, "") for k, t in TASKS] + [t for _, t in extra] + ["max κ(W)", "max σ_max(ΔW)"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cols = [("downstream/perplexity", 1)] + [(k, 100) for k, _ in TASKS] + [(k, 1 if "nll" in k else 100)
                                                                            for k, _ in extra]
-    seen = []  # one "unedited" row per distinct N = 0 evaluation (the set-ups measured it differently)
-    for (label, view), m in sorted(s.items()):
-        if view != "none" or 0 not in m.get("downstream/perplexity", {}):
-            continue
-        cells = [cell(m.get(k, {}).get(0), sc) for k, sc in cols]
-        if cells in [c for _, c in seen]:
-            continue
-        seen.append((label, cells))
-    for label, cells in seen:
-        who = "unedited" if len(seen) == 1 else f"unedited ({name(label)}'s N = 0)"
-        lines.append(f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
-    for (label, view), m in sorted(s.items()):
-        nmax = max(max(v) for v in m.values())
-        vals = []
-        for key, _ in EDIT_COLUMNS:
-            pts = m.get(f"retention/{key}", {})
-            last = max((n for n in pts if n > 0), default=None)
-            vals.append(cell(pts.get(last)) + (f" (N={last})" if last is not None and last != nmax else ""))
-        vals += [cell(immediate(m, key, nmax)) for key, _ in EDIT_COLUMNS]
-        for k, sc in [("downstream/perplexity", 1)] + [(k, 100) for k, _ in TASKS] + [(k, 1 if "nll" in k else 100)
-                                                                                    for k, _ in extra]:
-            pts = m.get(k, {})
-            last = max((n for n in pts if n > 0), default=None)
-            vals.append(cell(pts.get(last), sc) + (f" (N={last})" if last is not None and last != nmax else ""))
-        for what in ("condition_number", "delta_sigma_max"):  # over the edited matrices, at N = nmax
-            at = [v[nmax]["value"] for k, v in m.items() if k.startswith("spectrum/") and k.endswith(what) and nmax in v]
-            vals.append(f"{max(at):.1f}" if at else "–")
-        lines.append(f"| {name(label)} | {LABELS.get(view, view)} | {nmax} | " + " | ".join(vals) + " |")
+    return head, cols
+
+
+def row_cells(m: dict, cols: list[tuple[str, float]]) -> tuple[int, list[str]]:
+    """One row of the table for one (label, view)'s metrics ``m``: its largest N and its cells (each at its last
+    N > 0, saying so when that is below the row's N)."""
+    nmax = max(max(v) for v in m.values())
+    vals = []
+    for key, _ in EDIT_COLUMNS:
+        pts = m.get(f"retention/{key}", {})
+        last = max((n for n in pts if n > 0), default=None)
+        vals.append(cell(pts.get(last)) + (f" (N={last})" if last is not None and last != nmax else ""))
+    vals += [cell(immediate(m, key, nmax)) for key, _ in EDIT_COLUMNS]
+    for k, sc in cols:
+        pts = m.get(k, {})
+        last = max((n for n in pts if n > 0), default=None)
+        vals.append(cell(pts.get(last), sc) + (f" (N={last})" if last is not None and last != nmax else ""))
+    for what in ("condition_number", "delta_sigma_max"):  # over the edited matrices, at N = nmax
+        at = [v[nmax]["value"] for k, v in m.items() if k.startswith("spectrum/") and k.endswith(what) and nmax in v]
+        vals.append(f"{max(at):.1f}" if at else "–")
+    return nmax, vals
+
+
+def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None = None) -> str:
+    """The main table: each (label, view) at its largest N, the unedited model first. ``keys``: only these rows,
+    in this order (no unedited rows); ``names``: (label, view) -> (editor, restraint) cells instead of the defaults."""
+    head, cols = _columns(s)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if keys is None:
+        seen = []  # one "unedited" row per distinct N = 0 evaluation (the set-ups measured it differently)
+        for (label, view), m in sorted(s.items()):
+            if view != "none" or 0 not in m.get("downstream/perplexity", {}):
+                continue
+            cells = [cell(m.get(k, {}).get(0), sc) for k, sc in cols]
+            if cells in [c for _, c in seen]:
+                continue
+            seen.append((label, cells))
+        for label, cells in seen:
+            who = "unedited" if len(seen) == 1 else f"unedited ({name(label)}'s N = 0)"
+            lines.append(f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
+    for key in (sorted(s) if keys is None else [k for k in keys if k in s]):
+        nmax, vals = row_cells(s[key], cols)
+        editor, restraint = (names or {}).get(key, (name(key[0]), LABELS.get(key[1], key[1])))
+        lines.append(f"| {editor} | {restraint} | {nmax} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+# The restraint comparison ("Beyond PRUNE"): per block, the rows (label, view) -> (editor, restraint) on the same
+# first N CounterFact edits; QUEUE_STEP: the step of benchmarks/reproduce_queue.sh that writes a label's rows.
+COMPARISON = [
+    ("ROME (the paper's key choice), one edit at a time", {
+        ("rome_original", "none"): ("ROME", "no restraint"),
+        ("rome_original", "deferred_e"): ("ROME", "PRUNE deferred α=e"),
+        ("rome_original", "online_e"): ("ROME", "PRUNE online α=e"),
+        ("rome_original", "rect_online"): ("ROME", "RECT online k=0.4"),
+        ("rome_original", "rect_prune_online"): ("ROME", "RECT + PRUNE online"),
+    }),
+    ("MEMIT (λ = 1500) and AlphaEdit, one edit at a time", {
+        ("memit_l1500", "none"): ("MEMIT", "no restraint"),
+        ("memit_l1500", "deferred_e"): ("MEMIT", "PRUNE deferred α=e"),
+        ("memit_l1500", "online_e"): ("MEMIT", "PRUNE online α=e"),
+        ("memit_l1500", "rect_online"): ("MEMIT", "RECT online k=0.4"),
+        ("alphaedit", "none"): ("AlphaEdit", "its null-space projection"),
+        ("alphaedit", "online_e"): ("AlphaEdit", "+ PRUNE online α=e"),
+    }),
+    ("batches of 10 edits (batch-sequential)", {
+        ("memit_b10", "none"): ("MEMIT", "no restraint"),
+        ("memit_b10", "deferred_e"): ("MEMIT", "PRUNE deferred α=e"),
+        ("memit_b10", "online_e"): ("MEMIT", "PRUNE online α=e"),
+        ("memit_b10", "rect_online"): ("MEMIT", "RECT online k=0.4"),
+        ("alphaedit_b10", "none"): ("AlphaEdit", "its null-space projection"),
+        ("alphaedit_b10", "online_e"): ("AlphaEdit", "+ PRUNE online α=e"),
+    }),
+]
+QUEUE_STEP = {"rome_original": 2, "memit_l1500": 5, "alphaedit": 6, "memit_b10": 7, "alphaedit_b10": 8}
+
+
+def comparison(s: dict, plt, figdir: Path) -> tuple[list[str], list[Path]]:
+    """The restraint comparison: per block of :data:`COMPARISON`, a table with the main table's columns, the rows
+    still missing (with the queue step that writes them), and one figure overlaying the block's rows."""
+    text, made = [], []
+    for b, (title, rows) in enumerate(COMPARISON):
+        present = [k for k in rows if k in s]
+        text += [f"### {title}", ""]
+        if present:
+            text += [table(s, present, rows), ""]
+        missing = [lbl for lbl in dict.fromkeys(lbl for lbl, _ in rows) if any(k not in s for k in rows if k[0] == lbl)]
+        if missing:
+            text += ["Not run yet: " + "; ".join(
+                f"{rows[next(k for k in rows if k[0] == lbl)][0]} ("
+                + ", ".join(r for k, (_, r) in rows.items() if k[0] == lbl and k not in s)
+                + f"): `bash benchmarks/reproduce_queue.sh {QUEUE_STEP.get(lbl, '?')}`" for lbl in missing) + ".", ""]
+        if not present:
+            continue
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+        for key in present:
+            m, label = s[key], " ".join(rows[key])
+            params = sorted({"/".join(k.split("/")[1:-1]) for k in m if k.startswith("spectrum/")})
+            ns = sorted(set().union(*(m.get(f"spectrum/{p}/condition_number", {}).keys() for p in params))) \
+                if params else []
+            axes[0].plot(ns, [max(m.get(f"spectrum/{p}/condition_number", {}).get(n, {"value": float("nan")})["value"]
+                                  for p in params) for n in ns], label=label)
+            for ax, k in ((axes[1], "downstream/perplexity"), (axes[2], "retention/efficacy"),
+                          (axes[3], "retention/locality")):
+                _band(ax, m.get(k, {}), label)
+        axes[0].set_yscale("log")
+        axes[1].set_yscale("log")
+        made.append(_finish(plt, fig, axes, ["κ(W), largest over the edited matrices (log)",
+                                             "held-out perplexity (log), 95 % band", "retention efficacy, 95 % band",
+                                             "retention locality, 95 % band"],
+                            f"Restraints compared: {title}", figdir / f"comparison_{b + 1}.png"))
+    return text, made
 
 
 def report(out: Path, doc: Path) -> str:
@@ -213,6 +295,13 @@ def report(out: Path, doc: Path) -> str:
              "on the unedited model, (chance) is at chance there: its changes say nothing about general abilities.",
              "",
              text_table, ""]
+    comp_text, comp_figs = comparison(s, plt, figdir)
+    text += ["## Restraints compared", "",
+             "The field's answers to sequential-editing collapse on the same stream and with the same metrics as the "
+             "table above: no restraint, PRUNE (deferred and online), RECT (online: the top 40 % of the accumulated "
+             "ΔW by |ΔW|/|W₀| kept after every edit), RECT then PRUNE, and AlphaEdit (MEMIT with the update "
+             "projected onto the null space of the preserved keys), alone and with PRUNE online.", ""]
+    text += comp_text + [f"![{p.stem}](figures/{p.name})" for p in comp_figs] + [""]
     text += ["## Curves", ""] + [f"![{p.stem}](figures/{p.name})" for p in made] + ["", "## Findings", "", findings]
     doc.write_text("\n".join(text) + "\n")
     print(text_table)

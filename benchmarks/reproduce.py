@@ -30,6 +30,7 @@ resolver knows, with hub access for hub ids).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,11 @@ RUNS = {  # run -> (restraints committed after every edit, in order; the views e
     "rect_prune_online": ([("rect", 0.4), ("prune", math.e)], {"rect_prune_online": None}),
 }
 PAPER_COUNTS = {"reasoning": 358, "summarization": 149, "qa": 261, "nli": 299}
+
+
+def hparams_dict(hp) -> dict:
+    """An editor's resolved hyper-parameters as a plain dict (the typed dataclass's fields), for setup.json."""
+    return dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else dict(hp)
 
 
 def make_editor(name: str, model, tok, args):
@@ -320,7 +326,7 @@ def run(args) -> None:
         "data": f"the first N records of {Path(args.data).name} (CounterFact, EasyEdit format), batch size 1; "
                 "N per run in the tables; the order per row below",
         f"{label} editor": f"{type(editor).__name__}, edited parameters {names}; " + (
-            f"hyper-parameters {editor.hparams(model)}" if hasattr(editor, "hparams")
+            f"hyper-parameters {hparams_dict(editor.hparams(model))}" if hasattr(editor, "hparams")
             else f"hypernetwork {args.mend_checkpoint or 'smollm2-135m (bundled: lit_prune/data/mend-smollm2-135m.pt)'}")
             + (f"; constructor arguments {args.editor_args}" if args.editor_args else ""),
         f"{label} order": "the file's order (the paper's)" if args.order == "paper" else

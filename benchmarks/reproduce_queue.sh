@@ -15,20 +15,23 @@ R="$PY benchmarks/reproduce.py"
 steps=(
   # 1. the paper's ROME: the downstream pass at N = 100 and for the online run (the snapshots must be there)
   "$R downstream --label rome_original --runs stream online --threads $T"
-  # 2. the paper's ROME on a second, seeded order
+  # 2. the paper's ROME with RECT and RECT + PRUNE (online): the ROME block of the restraint comparison
+  "$R run --editor rome --label rome_original --editor-args '{\"key_mode\":\"original\"}' --runs rect_online rect_prune_online --threads $T"
+  # 3. the paper's ROME on a second, seeded order
   "$R run --editor rome --label rome_original_seed1 --order seed:1 --editor-args '{\"key_mode\":\"original\"}' --runs stream online --threads $T"
-  # 3. r-ROME (the default key choice), the paper's order, with the RECT view and RECT rows (none / PRUNE / RECT)
-  "$R run --editor rome --label rome_averaged --rect-view --runs stream online rect_online rect_prune_online --threads $T"
-  # 4. MEMIT with the λ chosen by evidence (the SmolLM2 preset, 1500): none / PRUNE / RECT
+  # 4. r-ROME (the default key choice), the paper's order
+  "$R run --editor rome --label rome_averaged --runs stream online --threads $T"
+  # 5. MEMIT with the λ chosen by evidence (the SmolLM2 preset, 1500): none / PRUNE / RECT
   "$R run --editor memit --label memit_l1500 --rect-view --runs stream online rect_online --threads $T"
-  # 5. AlphaEdit (its own restraint) and PRUNE + AlphaEdit (online)
+  # 6. AlphaEdit (its own restraint) and PRUNE + AlphaEdit (online)
   "$R run --editor alphaedit --label alphaedit --runs stream online --threads $T"
-  # 6. the batch-sequential block: batches of 10, where AlphaEdit is strongest
+  # 7-8. the batch-sequential block: batches of 10, where AlphaEdit is strongest
   "$R run --editor memit --label memit_b10 --edit-batch 10 --runs stream online rect_online --threads $T"
   "$R run --editor alphaedit --label alphaedit_b10 --edit-batch 10 --runs stream online --threads $T"
-  # 7. the downstream pass (paper counts, N = 0, 100, 200) for every new row
+  # 9-. the downstream pass (paper counts, N = 0, 100, 200) for every new row
+  "$R downstream --label rome_original --runs rect_online rect_prune_online --threads $T"
   "$R downstream --label rome_original_seed1 --runs stream online --threads $T"
-  "$R downstream --label rome_averaged --runs stream online rect_online rect_prune_online --threads $T"
+  "$R downstream --label rome_averaged --runs stream online --threads $T"
   "$R downstream --label memit_l1500 --runs stream online rect_online --threads $T"
   "$R downstream --label alphaedit --runs stream online --threads $T"
 )

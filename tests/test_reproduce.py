@@ -214,9 +214,9 @@ def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, d
     assert (out / "ft_stream_downstream.jsonl").read_text() == before  # nothing evaluated twice
 
 
-def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver):
+def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver, monkeypatch):
     """``rect_online`` / ``rect_prune_online`` rows are what RectCallback (and RectCallback + PruneCallback, online)
-    produce on the same stream."""
+    produce on the same stream; the report's restraint comparison shows them and names the rows still missing."""
     import lightning as L
 
     from lit_prune import EditDataModule, SequentialEditingModule
@@ -228,6 +228,7 @@ def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver)
            "--ppl-texts", 2, "--threads", 1, "--n", n, "--out", out, "--editor-args", json.dumps(HP),
            "--runs", "rect_online", "rect_prune_online", "--snapshot-at", 0)
     name = FT().edited_parameters(_loaded(model_dir))[0]
+    kappas = {}
     for run, cbs in (("rect_online", [RectCallback()]), ("rect_prune_online", [RectCallback(), PruneCallback()])):
         module = SequentialEditingModule(model=str(model_dir), editor=FT(**HP))
         L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -239,10 +240,26 @@ def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver)
         rows = rows_of(out / f"ft_{run}.jsonl")
         kappa = metrics(rows, run, n)[f"spectrum/{name}/condition_number"]
         assert kappa == pytest.approx(float(np.linalg.cond(W.numpy())), rel=1e-4)
+        kappas[run] = kappa
     from lit_prune.restraint import AccumulatedUpdate
 
     acc = AccumulatedUpdate.from_state_dict(torch.load(out / "ft_rect_online.pt", weights_only=False)["matrices"][name])
     assert float((acc.delta() != 0).double().mean()) == pytest.approx(0.4, abs=1e-3)  # RECT's sparse committed ΔW
+
+    import report_reproduce
+
+    monkeypatch.setattr(report_reproduce, "COMPARISON", [("FT block", {
+        ("ft", "none"): ("FT", "no restraint"), ("ft", "rect_online"): ("FT", "RECT online k=0.4"),
+        ("ft", "rect_prune_online"): ("FT", "RECT + PRUNE online")})])
+    monkeypatch.setattr(report_reproduce, "QUEUE_STEP", {"ft": 9})
+    doc = tmp_path / "docs" / "results.md"
+    driver("report", "--out", out, "--doc", doc)
+    block = doc.read_text().split("### FT block", 1)[1].split("## Curves", 1)[0]
+    for run, label in (("rect_online", "RECT online k=0.4"), ("rect_prune_online", "RECT + PRUNE online")):
+        row = next(line for line in block.splitlines() if line.startswith(f"| FT | {label} | {n} |"))
+        assert row.split(" | ")[-2] == f"{kappas[run]:.1f}"  # max κ(W), the driver's row
+    assert "Not run yet: FT (no restraint): `bash benchmarks/reproduce_queue.sh 9`." in block
+    assert (doc.parent / "figures" / "comparison_1.png").stat().st_size > 1000
 
 
 def test_batch_stream_scores_each_request_and_a_subset_of_views(tmp_path, model_dir, driver):
