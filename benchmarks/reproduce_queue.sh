@@ -28,12 +28,15 @@ steps=(
   # 7-8. the batch-sequential block: batches of 10, where AlphaEdit is strongest
   "$R run --editor memit --label memit_b10 --edit-batch 10 --runs stream online rect_online --threads $T"
   "$R run --editor alphaedit --label alphaedit_b10 --edit-batch 10 --runs stream online --threads $T"
-  # 9-. the downstream pass (paper counts, N = 0, 100, 200) for every new row
+  # 9. MEND with the bundled hypernetwork (no retrained one beat it: mend_training.md), with intervals
+  "$R run --editor mend --label mend_bundled --runs stream online --threads $T"
+  # 10-. the downstream pass (paper counts, N = 0, 100, 200) for every new row
   "$R downstream --label rome_original --runs rect_online rect_prune_online --threads $T"
   "$R downstream --label rome_original_seed1 --runs stream online --threads $T"
   "$R downstream --label rome_averaged --runs stream online --threads $T"
   "$R downstream --label memit_l1500 --runs stream online rect_online --threads $T"
   "$R downstream --label alphaedit --runs stream online --threads $T"
+  "$R downstream --label mend_bundled --runs stream online --threads $T"
 )
 if [[ $# -gt 0 ]]; then
   eval "${steps[$(($1 - 1))]}"
