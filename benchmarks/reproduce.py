@@ -403,8 +403,8 @@ def run(args) -> None:
 
 def downstream(args) -> None:
     """The paper's four tasks on the snapshots of finished runs (``<label>_<run>_n<N>.pt``) and on the unedited model
-    (N = 0), every view, resumable: rows go to ``<label>_<run>_downstream.jsonl``; a (view, N) already there is
-    skipped."""
+    (N = 0), every view (``--views``: only these views of the stream, ``deferred_rect`` among them), resumable: rows go
+    to ``<label>_<run>_downstream.jsonl``; a (view, N) already there is skipped."""
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -414,6 +414,12 @@ def downstream(args) -> None:
     if not tasks:
         raise SystemExit(f"no downstream test sets under {DATA / 'downstream'}")
     runs = {name: views for name, (_, views) in RUNS.items()}
+    if args.views:
+        known = {**VIEWS, **RECT_VIEW}
+        unknown = sorted(set(args.views) - set(known))
+        if unknown:
+            raise SystemExit(f"--views: unknown view(s) {unknown} of the stream (known: {sorted(known)})")
+        runs["stream"] = {v: known[v] for v in args.views}
     for run_name in args.runs:
         tag, rows_file = f"{args.label}/{run_name}", out / f"{args.label}_{run_name}_downstream.jsonl"
         done = {(r["view"], r["n"]) for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else set()
@@ -493,6 +499,9 @@ def main() -> None:
     d.add_argument("--label", required=True)
     d.add_argument("--runs", nargs="+", default=["stream", "online"], choices=list(RUNS))
     d.add_argument("--at", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 200])
+    d.add_argument("--views", nargs="+", default=None,
+                   help="only these views of the stream (default: none and the deferred PRUNE views; add "
+                        "'deferred_rect' for a run made with --rect-view)")
     d.add_argument("--examples", default="paper", help="'paper' (358/149/261/299) or a number per task")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

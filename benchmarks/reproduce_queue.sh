@@ -23,20 +23,22 @@ steps=(
   "$R run --editor rome --label rome_averaged --runs stream online --threads $T"
   # 5. MEMIT with the λ chosen by evidence (the SmolLM2 preset, 1500): none / PRUNE / RECT
   "$R run --editor memit --label memit_l1500 --rect-view --runs stream online rect_online --threads $T"
-  # 6. AlphaEdit (its own restraint) and PRUNE + AlphaEdit (online)
-  "$R run --editor alphaedit --label alphaedit --runs stream online --threads $T"
+  # 6. AlphaEdit (its own restraint; the stream without deferred PRUNE views) and PRUNE + AlphaEdit (online)
+  "$R run --editor alphaedit --label alphaedit --runs stream online --views none --threads $T"
   # 7-8. the batch-sequential block: batches of 10, where AlphaEdit is strongest
   "$R run --editor memit --label memit_b10 --edit-batch 10 --runs stream online rect_online --threads $T"
-  "$R run --editor alphaedit --label alphaedit_b10 --edit-batch 10 --runs stream online --threads $T"
+  "$R run --editor alphaedit --label alphaedit_b10 --edit-batch 10 --runs stream online --views none --threads $T"
   # 9. MEND with the bundled hypernetwork (no retrained one beat it: mend_training.md), with intervals
   "$R run --editor mend --label mend_bundled --runs stream online --threads $T"
   # 10-. the downstream pass (paper counts, N = 0, 100, 200) for every new row
   "$R downstream --label rome_original --runs rect_online rect_prune_online --threads $T"
   "$R downstream --label rome_original_seed1 --runs stream online --threads $T"
   "$R downstream --label rome_averaged --runs stream online --threads $T"
-  "$R downstream --label memit_l1500 --runs stream online rect_online --threads $T"
-  "$R downstream --label alphaedit --runs stream online --threads $T"
+  "$R downstream --label memit_l1500 --runs stream online rect_online --views none deferred_e deferred_1.2 deferred_rect --threads $T"
+  "$R downstream --label alphaedit --runs stream online --views none --threads $T"
   "$R downstream --label mend_bundled --runs stream online --threads $T"
+  "$R downstream --label memit_b10 --runs stream online rect_online --threads $T"
+  "$R downstream --label alphaedit_b10 --runs stream online --views none --threads $T"
 )
 if [[ $# -gt 0 ]]; then
   eval "${steps[$(($1 - 1))]}"

@@ -212,6 +212,13 @@ def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, d
     driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
            "--out", out, "--runs", "stream")
     assert (out / "ft_stream_downstream.jsonl").read_text() == before  # nothing evaluated twice
+    # --views: only the named views of the stream, the deferred RECT view among them
+    driver("downstream", "--label", "ft_seed1", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
+           "--out", out, "--runs", "stream", "--views", "none", "deferred_rect")
+    seed_down = rows_of(out / "ft_seed1_stream_downstream.jsonl")
+    assert {(r["view"], r["n"]) for r in seed_down} == {(v, n) for v in ("none", "deferred_rect") for n in (0, 2)}
+    with pytest.raises(SystemExit, match="unknown view"):
+        driver("downstream", "--label", "ft", "--model", model_dir, "--out", out, "--views", "rect")
 
 
 def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver, monkeypatch):
