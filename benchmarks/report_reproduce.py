@@ -178,6 +178,7 @@ COMPARISON = [
         ("memit_l1500", "none"): ("MEMIT", "no restraint"),
         ("memit_l1500", "deferred_e"): ("MEMIT", "PRUNE deferred α=e"),
         ("memit_l1500", "online_e"): ("MEMIT", "PRUNE online α=e"),
+        ("memit_l1500", "deferred_rect"): ("MEMIT", "RECT deferred k=0.4"),
         ("memit_l1500", "rect_online"): ("MEMIT", "RECT online k=0.4"),
         ("alphaedit", "none"): ("AlphaEdit", "its null-space projection"),
         ("alphaedit", "online_e"): ("AlphaEdit", "+ PRUNE online α=e"),
