@@ -431,6 +431,18 @@ def report() -> str:
                          f"{r.get('ratio_max', float('nan')):.2f} | {fmt_ci(r.get('perplexity'))} | "
                          f"{fmt_ci(r.get('efficacy'))} | {fmt_ci(r.get('generalization'))} | {fmt_ci(r.get('locality'))} |")
         done = max(r["n"] for r in st["rows"])
+        none = sorted((r for r in st["rows"] if r["view"] == "none"), key=lambda r: r["n"])
+        pr = {r["n"]: r for r in st["rows"] if r["view"] == "deferred_e"}
+        if len(none) > 1 and done in pr:
+            first, last = none[0], none[-1]
+            acting = next((r["n"] for r in none if r.get("ratio_max", 0) >= 1), None)
+            lines += ["", f"Over {done} edits without restraint: max κ {first['kappa_max']:.1f} → {last['kappa_max']:.1f} "
+                          f"(it falls), perplexity {fmt_ci(first.get('perplexity'))} → "
+                          f"{fmt_ci(last.get('perplexity'))}, retention efficacy {fmt_ci(last.get('efficacy'))} at N = "
+                          f"{done}. σ_max(ΔW) " + (f"passes τ at N = {acting} and reaches {last['ratio_max']:.2f} τ, so "
+                          f"PRUNE acts from there: at N = {done} its view has perplexity {fmt_ci(pr[done].get('perplexity'))} "
+                          f"and retention efficacy {fmt_ci(pr[done].get('efficacy'))}." if acting is not None else
+                          f"stays below τ ({last['ratio_max']:.2f} τ at N = {done}), so PRUNE never acts.")]
         if done < 1000:
             lines += ["", f"**In progress: N = {done} of 1000.** The same command resumes the stream where it stopped "
                           "(its state is local); then `python benchmarks/bench_scaling.py --part stream`."]
