@@ -103,8 +103,8 @@ def _band(ax, pts: dict, label: str, scale: float = 1.0, marker: str = ".") -> N
 def _columns(s: dict) -> tuple[list[str], list[tuple[str, float]]]:
     """The table's header and its (metric, scale) columns after the edit scores, for the rows ``s``."""
     extra = [(k, t) for k, t in EXTRA if any(k in m for m in s.values())]
-    base = next((m for (lbl, v), m in sorted(s.items()) if v == "none" and 0 in m.get("downstream/perplexity", {})),
-                None)
+    base = next((m for (lbl, v), m in sorted(s.items()) if v == "none" and any(0 in m.get(k, {}) for k, _ in TASKS)),
+                None)  # the unedited model's task scores (the first row that has them)
     flags = {}
     for k, _ in TASKS:
         b = (base or {}).get(k, {}).get(0)
@@ -147,11 +147,11 @@ def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if keys is None:
         seen = []  # one "unedited" row per distinct N = 0 evaluation (the set-ups measured it differently)
-        for (label, view), m in sorted(s.items()):
-            if view != "none" or 0 not in m.get("downstream/perplexity", {}):
-                continue
-            cells = [cell(m.get(k, {}).get(0), sc) for k, sc in cols]
-            if cells in [c for _, c in seen]:
+        cands = [(label, [cell(m.get(k, {}).get(0), sc) for k, sc in cols]) for (label, view), m in sorted(s.items())
+                 if view == "none" and 0 in m.get("downstream/perplexity", {})]
+        for label, cells in sorted(cands, key=lambda c: -sum(x != "–" for x in c[1])):  # fullest first
+            # a row that only repeats (part of) one already shown, e.g. perplexity without the tasks, is left out
+            if any(all(x == "–" or x == y for x, y in zip(cells, c)) for _, c in seen):
                 continue
             seen.append((label, cells))
         for label, cells in seen:
