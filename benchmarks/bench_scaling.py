@@ -142,21 +142,28 @@ if t.global_rank == 0:
 """
 
 
+def run_script(tmp: str, text: str, out: str, threads: int, what: str) -> dict:
+    """Run ``text`` as a Python script in ``tmp`` with ``threads`` OpenMP threads; returns what it saved at ``out``
+    (``torch.load``); exits naming ``what`` with the end of its stderr when it fails."""
+    script = Path(tmp) / "script.py"
+    script.write_text(text)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp)
+    if r.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{r.stderr[-3000:]}")
+    return torch.load(out, weights_only=False)
+
+
 def part_ranks(args) -> dict:
     load = os.getloadavg()[0]
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         for devices in (1, 2):
             out = str(Path(tmp) / f"ranks{devices}.pt")
-            script = Path(tmp) / f"ranks{devices}.py"
-            script.write_text(RANKS_SCRIPT.format(root=str(ROOT), devices=devices, data=str(counterfact_file("edit")),
-                                                  batch=args.ranks_batch, out=out))
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
             t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp)
-            if r.returncode != 0:
-                raise SystemExit(f"{devices} process(es) failed:\n{r.stderr[-3000:]}")
-            got = torch.load(out, weights_only=False)
+            got = run_script(tmp, RANKS_SCRIPT.format(root=str(ROOT), devices=devices, out=out, batch=args.ranks_batch,
+                                                      data=str(counterfact_file("edit"))),
+                             out, threads=1, what=f"{devices} process(es)")
             res[devices] = {"batch_seconds": got["seconds"], "process_seconds": time.perf_counter() - t0,
                             "requests_on_rank0": got["share"], "edits": got["edits"], "w": got["w"]}
             print(f"{devices} process(es): batch {got['seconds']:.1f} s", flush=True)
@@ -226,24 +233,17 @@ def part_single(args) -> dict:
         try:
             for i, (name, (editor, kwargs)) in enumerate(single_settings().items()):
                 got = {}
-                order = [("before", before), ("after", ROOT)]
-                for which, root in (order if i % 2 == 0 else order[::-1]):  # alternate which version goes first
+                order = [("before", before), ("after", ROOT)][:: 1 if i % 2 == 0 else -1]  # alternate who goes first
+                for which, root in order:
                     out = str(Path(tmp) / f"{which}{i}.pt")
-                    script = Path(tmp) / "single.py"
-                    script.write_text(SINGLE_SCRIPT.format(root=str(root), threads=args.threads, n=args.single_n,
-                                                           data=str(counterfact_file("edit")), editor=editor,
-                                                           kwargs=kwargs, out=out))
-                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                                         cwd=tmp)
-                    if res.returncode != 0:
-                        raise SystemExit(f"{name} ({which}) failed:\n{res.stderr[-3000:]}")
-                    got[which] = torch.load(out, weights_only=False)
-                    print(f"{name} ({which}): {sum(got[which]['seconds']) / args.single_n:.2f} s/edit", flush=True)
+                    got[which] = run_script(tmp, SINGLE_SCRIPT.format(root=str(root), threads=args.threads, out=out,
+                                                                      n=args.single_n, editor=editor, kwargs=kwargs,
+                                                                      data=str(counterfact_file("edit"))),
+                                            out, threads=args.threads, what=f"{name} ({which})")
+                    print(f"{name} ({which}): {statistics.median(got[which]['seconds']):.2f} s/edit (median)", flush=True)
                 diff = max(float((got["before"]["w"][p] - got["after"]["w"][p]).abs().max()) for p in got["after"]["w"])
                 rows.append({"setting": name, "editor": editor, "before_s": got["before"]["seconds"],
-                             "after_s": got["after"]["seconds"], "max_weight_diff": diff,
-                             "first": order[0][0] if i % 2 == 0 else order[1][0]})
+                             "after_s": got["after"]["seconds"], "max_weight_diff": diff, "first": order[0][0]})
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], capture_output=True)
     return {"before": BEFORE, "edits": args.single_n, "rows": rows, "loadavg_at_start": load,
@@ -437,7 +437,7 @@ def report() -> str:
             first, last = none[0], none[-1]
             acting = next((r["n"] for r in none if r.get("ratio_max", 0) >= 1), None)
             lines += ["", f"Over {done} edits without restraint: max κ {first['kappa_max']:.1f} → {last['kappa_max']:.1f} "
-                          f"(it falls), perplexity {fmt_ci(first.get('perplexity'))} → "
+                          f"({'it falls' if last['kappa_max'] < first['kappa_max'] else 'it rises'}), perplexity {fmt_ci(first.get('perplexity'))} → "
                           f"{fmt_ci(last.get('perplexity'))}, retention efficacy {fmt_ci(last.get('efficacy'))} at N = "
                           f"{done}. σ_max(ΔW) " + (f"passes τ at N = {acting} and reaches {last['ratio_max']:.2f} τ, so "
                           f"PRUNE acts from there: at N = {done} its view has perplexity {fmt_ci(pr[done].get('perplexity'))} "

@@ -77,6 +77,14 @@ def cell(r: dict | tuple | None, scale: float = 100) -> str:
     return f"{_num(v, scale)} [{_num(lo, scale)}, {_num(hi, scale)}]"
 
 
+def spectrum_max(m: dict, what: str) -> tuple[list[int], list[float]]:
+    """N and the largest ``spectrum/<param>/<what>`` over the edited matrices at each N (MEMIT and MEND edit several)."""
+    params = sorted({"/".join(k.split("/")[1:-1]) for k in m if k.startswith("spectrum/")})
+    ns = sorted(set().union(*(m.get(f"spectrum/{p}/{what}", {}).keys() for p in params))) if params else []
+    return ns, [max(m.get(f"spectrum/{p}/{what}", {}).get(n, {"value": float("nan")})["value"] for p in params)
+                for n in ns]
+
+
 def _finish(plt, fig, axes, titles, suptitle: str, path: Path) -> Path:
     """Titles, x labels, grid, legend (first axis), save as PNG, close; returns ``path``."""
     for ax, t in zip(axes, titles):
@@ -166,31 +174,21 @@ def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None
 
 # The restraint comparison ("Beyond PRUNE"): per block, the rows (label, view) -> (editor, restraint) on the same
 # first N CounterFact edits; QUEUE_STEP: the step of benchmarks/reproduce_queue.sh that writes a label's rows.
+def _block(*parts: tuple[str, str, tuple[str, ...], dict]) -> dict:
+    """(label, view) -> (editor, restraint) for parts (label, editor, views, restraint names other than LABELS')."""
+    return {(lbl, v): (editor, names.get(v, LABELS.get(v, v))) for lbl, editor, views, names in parts for v in views}
+
+
+_ALPHAEDIT = {"none": "its null-space projection", "online_e": "+ PRUNE online α=e"}
 COMPARISON = [
-    ("ROME (the paper's key choice), one edit at a time", {
-        ("rome_original", "none"): ("ROME", "no restraint"),
-        ("rome_original", "deferred_e"): ("ROME", "PRUNE deferred α=e"),
-        ("rome_original", "online_e"): ("ROME", "PRUNE online α=e"),
-        ("rome_original", "rect_online"): ("ROME", "RECT online k=0.4"),
-        ("rome_original", "rect_prune_online"): ("ROME", "RECT + PRUNE online"),
-    }),
-    ("MEMIT (λ = 1500) and AlphaEdit, one edit at a time", {
-        ("memit_l1500", "none"): ("MEMIT", "no restraint"),
-        ("memit_l1500", "deferred_e"): ("MEMIT", "PRUNE deferred α=e"),
-        ("memit_l1500", "online_e"): ("MEMIT", "PRUNE online α=e"),
-        ("memit_l1500", "deferred_rect"): ("MEMIT", "RECT deferred k=0.4"),
-        ("memit_l1500", "rect_online"): ("MEMIT", "RECT online k=0.4"),
-        ("alphaedit", "none"): ("AlphaEdit", "its null-space projection"),
-        ("alphaedit", "online_e"): ("AlphaEdit", "+ PRUNE online α=e"),
-    }),
-    ("batches of 10 edits (batch-sequential)", {
-        ("memit_b10", "none"): ("MEMIT", "no restraint"),
-        ("memit_b10", "deferred_e"): ("MEMIT", "PRUNE deferred α=e"),
-        ("memit_b10", "online_e"): ("MEMIT", "PRUNE online α=e"),
-        ("memit_b10", "rect_online"): ("MEMIT", "RECT online k=0.4"),
-        ("alphaedit_b10", "none"): ("AlphaEdit", "its null-space projection"),
-        ("alphaedit_b10", "online_e"): ("AlphaEdit", "+ PRUNE online α=e"),
-    }),
+    ("ROME (the paper's key choice), one edit at a time", _block(
+        ("rome_original", "ROME", ("none", "deferred_e", "online_e", "rect_online", "rect_prune_online"), {}))),
+    ("MEMIT (λ = 1500) and AlphaEdit, one edit at a time", _block(
+        ("memit_l1500", "MEMIT", ("none", "deferred_e", "online_e", "deferred_rect", "rect_online"), {}),
+        ("alphaedit", "AlphaEdit", ("none", "online_e"), _ALPHAEDIT))),
+    ("batches of 10 edits (batch-sequential)", _block(
+        ("memit_b10", "MEMIT", ("none", "deferred_e", "online_e", "rect_online"), {}),
+        ("alphaedit_b10", "AlphaEdit", ("none", "online_e"), _ALPHAEDIT))),
 ]
 QUEUE_STEP = {"rome_original": 2, "memit_l1500": 5, "alphaedit": 6, "memit_b10": 7, "alphaedit_b10": 8}
 
@@ -215,11 +213,7 @@ def comparison(s: dict, plt, figdir: Path) -> tuple[list[str], list[Path]]:
         fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
         for key in present:
             m, label = s[key], " ".join(rows[key])
-            params = sorted({"/".join(k.split("/")[1:-1]) for k in m if k.startswith("spectrum/")})
-            ns = sorted(set().union(*(m.get(f"spectrum/{p}/condition_number", {}).keys() for p in params))) \
-                if params else []
-            axes[0].plot(ns, [max(m.get(f"spectrum/{p}/condition_number", {}).get(n, {"value": float("nan")})["value"]
-                                  for p in params) for n in ns], label=label)
+            axes[0].plot(*spectrum_max(m, "condition_number"), label=label)
             for ax, k in ((axes[1], "downstream/perplexity"), (axes[2], "retention/efficacy"),
                           (axes[3], "retention/locality")):
                 _band(ax, m.get(k, {}), label)
@@ -251,16 +245,11 @@ def report(out: Path, doc: Path) -> str:
     made = []
     for label in labels:
         views = sorted(v for (lbl, v) in s if lbl == label)
-        params = sorted({"/".join(k.split("/")[1:-1]) for v in views for k in s[(label, v)] if k.startswith("spectrum/")})
         fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
         for v in views:
             m = s[(label, v)]
             for ax, what in ((axes[0], "condition_number"), (axes[1], "delta_sigma_max")):
-                # the largest value over the edited matrices at each N (MEMIT and MEND edit several)
-                ns = sorted(set().union(*(m.get(f"spectrum/{p}/{what}", {}).keys() for p in params))) if params else []
-                ys = [max(m.get(f"spectrum/{p}/{what}", {}).get(n, {"value": float("nan")})["value"] for p in params)
-                      for n in ns]
-                ax.plot(ns, ys, label=LABELS.get(v, v))
+                ax.plot(*spectrum_max(m, what), label=LABELS.get(v, v))
             for ax, k in ((axes[2], "downstream/perplexity"), (axes[3], "retention/efficacy"),
                           (axes[4], "retention/locality")):
                 _band(ax, m.get(k, {}), LABELS.get(v, v))

@@ -405,6 +405,11 @@ def downstream(args) -> None:
     """The paper's four tasks on the snapshots of finished runs (``<label>_<run>_n<N>.pt``) and on the unedited model
     (N = 0), every view (``--views``: only these views of the stream, ``deferred_rect`` among them), resumable: rows go
     to ``<label>_<run>_downstream.jsonl``; a (view, N) already there is skipped."""
+    known = {**VIEWS, **RECT_VIEW}
+    unknown = sorted(set(args.views or []) - set(known))
+    if unknown:  # before the model loads or anything is written
+        raise SystemExit(f"--views: unknown view(s) {unknown} of the stream (known: {sorted(known)})")
+    stream_views = {v: known[v] for v in args.views or []}
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -415,11 +420,7 @@ def downstream(args) -> None:
         raise SystemExit(f"no downstream test sets under {DATA / 'downstream'}")
     runs = {name: views for name, (_, views) in RUNS.items()}
     if args.views:
-        known = {**VIEWS, **RECT_VIEW}
-        unknown = sorted(set(args.views) - set(known))
-        if unknown:
-            raise SystemExit(f"--views: unknown view(s) {unknown} of the stream (known: {sorted(known)})")
-        runs["stream"] = {v: known[v] for v in args.views}
+        runs["stream"] = stream_views
     for run_name in args.runs:
         tag, rows_file = f"{args.label}/{run_name}", out / f"{args.label}_{run_name}_downstream.jsonl"
         done = {(r["view"], r["n"]) for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else set()
