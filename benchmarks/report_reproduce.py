@@ -148,6 +148,17 @@ def row_cells(m: dict, cols: list[tuple[str, float]]) -> tuple[int, list[str]]:
     return nmax, vals
 
 
+def same_as(m: dict) -> str | None:
+    """The view whose model a (label, view) row is, bit for bit, when the driver copied all its rows after N = 0 from
+    it (``same_weights_as``: an idle restraint; ``reproduce.py``'s ``Stream.weights_key``), else None."""
+    src = {r.get("same_weights_as") for pts in m.values() for n, r in pts.items() if n > 0}
+    if len(src) != 1 or None in src:
+        views = {v.split(":")[1] if ":" in v else v for v in src if v}
+        return views.pop() if None not in src and len(views) == 1 else None
+    v = src.pop()
+    return v.split(":")[1] if ":" in v else v
+
+
 def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None = None) -> str:
     """The main table: each (label, view) at its largest N, the unedited model first. ``keys``: only these rows,
     in this order (no unedited rows); ``names``: (label, view) -> (editor, restraint) cells instead of the defaults."""
@@ -168,6 +179,8 @@ def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None
     for key in (sorted(s) if keys is None else [k for k in keys if k in s]):
         nmax, vals = row_cells(s[key], cols)
         editor, restraint = (names or {}).get(key, (name(key[0]), LABELS.get(key[1], key[1])))
+        if (src := same_as(s[key])) is not None and src != key[1]:
+            restraint += f" (idle: ≡ {(names or {}).get((key[0], src), ('', LABELS.get(src, src)))[1]})"
         lines.append(f"| {editor} | {restraint} | {nmax} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -187,7 +200,7 @@ COMPARISON = [
         ("memit_l1500", "MEMIT", ("none", "deferred_e", "online_e", "deferred_rect", "rect_online"), {}),
         ("alphaedit", "AlphaEdit", ("none", "online_e"), _ALPHAEDIT))),
     ("batches of 10 edits (batch-sequential)", _block(
-        ("memit_b10", "MEMIT", ("none", "deferred_e", "online_e", "rect_online"), {}),
+        ("memit_b10", "MEMIT", ("none", "deferred_e", "online_e", "deferred_rect", "rect_online"), {}),
         ("alphaedit_b10", "AlphaEdit", ("none", "online_e"), _ALPHAEDIT))),
 ]
 QUEUE_STEP = {"rome_original": 2, "memit_l1500": 5, "alphaedit": 6, "memit_b10": 7, "alphaedit_b10": 8}

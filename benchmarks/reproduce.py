@@ -19,6 +19,10 @@ efficacy/generalization/locality of all edits so far (every ``--eval-every``), e
 rates of 0/1 values, a seeded bootstrap otherwise; ``benchmarks/intervals.py``). The paper's four downstream tasks
 are a separate, resumable pass over state snapshots kept at ``--snapshot-at`` (``reproduce.py downstream``: the
 paper's example counts 358/149/261/299 by default, Wilson intervals), so the edit streams never wait for them.
+A view whose edited weights equal, bit for bit, those of a view already evaluated at the same point (a deferred
+PRUNE view while σ_max(ΔW) ≤ τ is the unrestrained model; an online run whose restraint never acted is the stream)
+is not evaluated again: its rows are that view's, marked ``same_weights_as`` (``Stream.weights_key``: a SHA-256 of
+the edited matrices). The downstream rows carry the key (``weights``), so later passes of the label reuse them too.
 
 Resumable: the restraint state (``<editor>_<run>.pt``: each matrix's ``AccumulatedUpdate.state_dict()``) and every metric row (``<editor>_<run>.jsonl``)
 are written to ``--out`` after each edit; a crashed sweep continues where it stopped. The ``.pt`` state stays local
@@ -31,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -160,6 +166,14 @@ class Stream:
             self.params[n].copy_(keep)
         self.kept = {}
 
+    def weights_key(self) -> str:
+        """A digest of the edited weights as they are now (the view's, after :meth:`show`): two views with the same key
+        are the same model bit for bit, so they score the same and one evaluation serves both."""
+        h = hashlib.sha256()
+        for n in self.names:
+            h.update(self.params[n].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:20]
+
     def spectrum(self) -> dict[str, float]:
         """κ(W) of the weights as written and σ_max of their ΔW (the view's, after :meth:`show`), per parameter."""
         out = {}
@@ -244,9 +258,15 @@ class Evaluator:
         do_ret = n > 0 and (n % a.eval_every == 0 or n == a.n)
         do_ppl = n % a.ppl_every == 0 or n == a.n
         do_down = n in a.downstream_at and self.tasks
-        rows = []
+        rows, seen = [], {}  # weights key -> (view, its rows)
         for view, alpha in list(views.items())[: 1 if n == 0 else None]:
             stream.show(alpha)
+            key = stream.weights_key()
+            if key in seen:  # e.g. a deferred PRUNE view while σ_max(ΔW) ≤ τ: the unrestrained model itself
+                src, src_rows = seen[key]
+                rows += [{**r, "view": view, "same_weights_as": src} for r in src_rows]
+                continue
+            first = len(rows)
             rows += [row(run, view, n, f"spectrum/{k}", v) for k, v in stream.spectrum().items()]
             if n > 0:  # each request of the batch just edited, scored in one pass
                 rows += self.immediate_rows(run, view, list(range(max(0, n - batch), n)))
@@ -262,6 +282,7 @@ class Evaluator:
                     m = new_task_metric(task, sync_on_compute=False)
                     update_task_metric(m, task, self.model, self.tok, exs, batch_size=a.batch_size, max_length=1024)
                     rows += task_rows(run, view, n, task, m, len(exs))
+            seen[key] = (view, rows[first:])
         stream.hide()
         if n == 0:
             rows += [{**r, "view": v} for v in list(views)[1:] for r in rows]
@@ -301,6 +322,35 @@ def load_tasks(n_examples: dict[str, int]) -> dict:
         if n_examples.get(t, 0) > 0 and (DATA / "downstream" / f).is_file():
             tasks[t] = load_examples(t, DATA / "downstream" / f, n=n_examples[t])
     return tasks
+
+
+def idle_prune_rows(out: Path, label: str, run_name: str, view: str, n_edits: int, tau: dict[str, float],
+                    batch: int = 1, margin: float = 1e-3) -> tuple[list[dict], float] | None:
+    """The rows of a PRUNE-only online run derived from the label's finished stream, when they are its rows.
+
+    PRUNE changes ΔW only where σ ≥ τ. If the stream, edited in the same batches of ``batch`` requests, recorded
+    σ_max(ΔW) < (1 − ``margin``)·τ after every one of its first ``n_edits`` edits, for every matrix, the online
+    restraint never acts: by induction every edit is computed
+    on the same weights (and, for AlphaEdit, the same kept keys), so the online run is the stream bit for bit
+    (``margin`` covers the last bits in which the two runs' factorizations of the same ΔW differ: the σ_max rows are
+    the stream's, equal to a real online run's to ~1e-7 relative; every score is equal). Returns the
+    stream's ``none`` rows relabelled (``same_weights_as``; ``time/restraint_s`` left out: no restraint ran) and the
+    largest σ_max(ΔW)/τ; None when the stream is not there to N or the restraint would have acted."""
+    rows_file = out / f"{label}_stream.jsonl"
+    if not rows_file.is_file():
+        return None
+    rows = [r for r in map(json.loads, rows_file.read_text().splitlines()) if r["n"] <= n_edits]
+    steps = [min(i + batch, n_edits) for i in range(0, n_edits, batch)]  # N after each edit of the online run
+    if sorted({r["n"] for r in rows if r["metric"] == "time/edit_s"}) != steps:
+        return None  # the stream is not there to N, or it was edited in other batches
+    sig = {(r["metric"], r["n"]): r["value"] for r in rows if r["view"] == "none"}
+    ratios = [sig.get((f"spectrum/{m}/delta_sigma_max", k), math.inf) / t for m, t in tau.items() for k in steps]
+    if not ratios or max(ratios) >= 1 - margin:
+        return None
+    tag, src = f"{label}/{run_name}", f"{label}/stream:none"
+    derived = [{**r, "run": tag, "view": view if r["view"] == "none" else r["view"], "same_weights_as": src}
+               for r in rows if r["view"] in ("none", "-") and r["metric"] != "time/restraint_s"]
+    return derived, max(ratios)
 
 
 def run(args) -> None:
@@ -352,6 +402,31 @@ def run(args) -> None:
             views = {v: views[v] for v in views if v in args.views}
         tag = f"{label}/{run_name}"
         ckpt, rows_file = out / f"{label}_{run_name}.pt", out / f"{label}_{run_name}.jsonl"
+        derived = None
+        if run_name != "stream" and online and all(k == "prune" for k, _ in online) and args.derive_idle:
+            derived = idle_prune_rows(out, label, run_name, next(iter(views)), args.n, tau, args.edit_batch)
+        if derived:
+            rows, ratio = derived
+            rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            for k in args.snapshot_at:  # the stream's states are this run's (for the downstream pass)
+                if k <= args.n and (out / f"{label}_stream_n{k}.pt").is_file():
+                    shutil.copyfile(out / f"{label}_stream_n{k}.pt", out / f"{label}_{run_name}_n{k}.pt")
+            end = out / f"{label}_stream_n{args.n}.pt"
+            if not end.is_file() and (out / f"{label}_stream.pt").is_file() and torch.load(
+                    out / f"{label}_stream.pt", weights_only=False)["next"] == args.n:
+                end = out / f"{label}_stream.pt"
+            if end.is_file():  # a later, longer run continues from N
+                shutil.copyfile(end, ckpt)
+            elif ckpt.is_file():
+                ckpt.unlink()
+            setup[f"{label} {run_name}"] = (
+                f"derived from {label}/stream: σ_max(ΔW) < τ after each of its edits to N = {args.n} (largest σ_max(ΔW)/τ "
+                f"{ratio:.2f}), so PRUNE never acts and the online run is the stream bit for bit (rows marked "
+                "same_weights_as; --no-derive-idle runs it)")
+            setup_file.write_text(json.dumps(setup, indent=1))
+            print(f"[{tag}] = {label}/stream: PRUNE never acts (σ_max(ΔW)/τ ≤ {ratio:.2f} after every edit); "
+                  f"{len(rows)} rows derived, not re-run")
+            continue
         stream = Stream(model, names, online, tau)
         start = 0
         if ckpt.is_file():
@@ -401,6 +476,19 @@ def run(args) -> None:
         stream.reset()  # back to the unedited model for the next run
 
 
+def unedited_rows(out: Path, label: str, tasks: dict) -> list[dict]:
+    """The downstream rows of an N = 0 pass already in ``out`` on the same examples (the label's own stream first,
+    then any other label's: every label edits the same unedited model of ``out``), or [] when there is none."""
+    want = {f"downstream/{t}": len(exs) for t, exs in tasks.items()}
+    files = [out / f"{label}_stream_downstream.jsonl"] + sorted(out.glob("*_downstream.jsonl"))
+    for f in dict.fromkeys(x for x in files if x.is_file()):
+        rows = [r for r in map(json.loads, f.read_text().splitlines()) if r["n"] == 0]
+        first = [r for r in rows if r["view"] == rows[0]["view"]] if rows else []
+        if {r["metric"]: r.get("count") for r in first if r["metric"] in want} == want:
+            return first
+    return []
+
+
 def downstream(args) -> None:
     """The paper's four tasks on the snapshots of finished runs (``<label>_<run>_n<N>.pt``) and on the unedited model
     (N = 0), every view (``--views``: only these views of the stream, ``deferred_rect`` among them), resumable: rows go
@@ -421,6 +509,11 @@ def downstream(args) -> None:
     runs = {name: views for name, (_, views) in RUNS.items()}
     if args.views:
         runs["stream"] = stream_views
+    seen: dict[str, list[dict]] = {}  # weights key -> the rows of a pass on those weights (any run of this label)
+    for f in sorted(out.glob(f"{args.label}_*_downstream.jsonl")):
+        for r in map(json.loads, f.read_text().splitlines()):
+            if "weights" in r and "same_weights_as" not in r:
+                seen.setdefault(r["weights"], []).append(r)
     for run_name in args.runs:
         tag, rows_file = f"{args.label}/{run_name}", out / f"{args.label}_{run_name}_downstream.jsonl"
         done = {(r["view"], r["n"]) for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else set()
@@ -435,29 +528,36 @@ def downstream(args) -> None:
             if state:
                 stream.load(state)
             views = list(runs[run_name].items())
-            base = out / f"{args.label}_stream_downstream.jsonl"
-            if n == 0 and run_name != "stream" and base.is_file() and (views[0][0], 0) not in done:
-                same = [r for r in map(json.loads, base.read_text().splitlines()) if r["n"] == 0 and r["view"] == "none"]
-                if same:  # the unedited model was evaluated for the stream already
-                    with rows_file.open("a") as f:
-                        f.writelines(json.dumps({**r, "run": tag, "view": v}) + "\n" for v, _ in views for r in same)
-                    done |= {(v, 0) for v, _ in views}
+            if n == 0 and (views[0][0], 0) not in done and (same := unedited_rows(out, args.label, tasks)):
+                with rows_file.open("a") as f:  # the unedited model was evaluated already (this label or another)
+                    f.writelines(json.dumps({**r, "run": tag, "view": v}) + "\n" for v, _ in views for r in same)
+                done |= {(v, 0) for v, _ in views}
+                print(f"[{tag}] downstream at N = 0: the unedited model's rows of {same[0]['run']}")
             for view, alpha in (views if n > 0 else views[:1]):  # N = 0: the unedited model, once
                 if (view, n) in done:
                     continue
                 t0 = time.time()
                 stream.show(alpha)
-                rows = []
-                for task, exs in tasks.items():
-                    m = new_task_metric(task, sync_on_compute=False)
-                    update_task_metric(m, task, model, tok, exs, batch_size=args.batch_size, max_length=1024)
-                    rows += task_rows(tag, view, n, task, m, len(exs))
+                key = stream.weights_key()
+                if n > 0 and key in seen:  # the same model bit for bit: its scores are those of that pass
+                    src = seen[key][0]
+                    rows = [{**r, "run": tag, "view": view, "n": n, "same_weights_as": f"{src['run']}:{src['view']}:"
+                             f"{src['n']}"} for r in seen[key]]
+                else:
+                    rows = []
+                    for task, exs in tasks.items():
+                        m = new_task_metric(task, sync_on_compute=False)
+                        update_task_metric(m, task, model, tok, exs, batch_size=args.batch_size, max_length=1024)
+                        rows += [{**r, "weights": key} for r in task_rows(tag, view, n, task, m, len(exs))]
+                    seen[key] = rows
                 stream.hide()
                 if n == 0:
                     rows += [{**r, "view": v} for v, _ in views[1:] for r in rows]
                 with rows_file.open("a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
-                print(f"[{tag}] downstream at N = {n}, {view}: {time.time() - t0:.0f} s", flush=True)
+                how = f"the weights of {rows[0]['same_weights_as']}, rows copied" if "same_weights_as" in rows[0] \
+                    else f"{time.time() - t0:.0f} s"
+                print(f"[{tag}] downstream at N = {n}, {view}: {how}", flush=True)
             stream.reset()
 
 
@@ -474,6 +574,9 @@ def main() -> None:
     r.add_argument("--runs", nargs="+", default=["stream", "online"], choices=list(RUNS),
                    help="stream (no restraint + deferred PRUNE views), online (PRUNE α=e), rect_online (RECT k=0.4), "
                         "rect_prune_online (RECT then PRUNE, both online)")
+    r.add_argument("--no-derive-idle", dest="derive_idle", action="store_false",
+                   help="run a PRUNE online run even when the finished stream shows PRUNE never acts (by default its "
+                        "rows are then the stream's, marked same_weights_as)")
     r.add_argument("--rect-view", action="store_true", help="also show the deferred RECT view (k=0.4) of the stream")
     r.add_argument("--edit-batch", type=int, default=1, help="requests per edit (batch-sequential editing)")
     r.add_argument("--views", nargs="+", default=None,

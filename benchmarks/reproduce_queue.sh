@@ -21,24 +21,28 @@ steps=(
   "$R run --editor rome --label rome_original_seed1 --order seed:1 --editor-args '{\"key_mode\":\"original\"}' --runs stream online --threads $T"
   # 4. r-ROME (the default key choice), the paper's order
   "$R run --editor rome --label rome_averaged --runs stream online --threads $T"
-  # 5. MEMIT with the λ chosen by evidence (the SmolLM2 preset, 1500): none / PRUNE / RECT
+  # 5. MEMIT with the λ chosen by evidence (the SmolLM2 preset, 1500): none / PRUNE / RECT. A PRUNE online run whose
+  #    restraint would never act (the finished stream keeps σ_max(ΔW) < τ after every edit) is derived from the
+  #    stream, not re-run (rows marked same_weights_as; --no-derive-idle runs it)
   "$R run --editor memit --label memit_l1500 --rect-view --runs stream online rect_online --threads $T"
   # 6. AlphaEdit (its own restraint; the stream without deferred PRUNE views) and PRUNE + AlphaEdit (online)
   "$R run --editor alphaedit --label alphaedit --runs stream online --views none --threads $T"
   # 7-8. the batch-sequential block: batches of 10, where AlphaEdit is strongest
-  "$R run --editor memit --label memit_b10 --edit-batch 10 --runs stream online rect_online --threads $T"
+  "$R run --editor memit --label memit_b10 --edit-batch 10 --rect-view --runs stream online rect_online --threads $T"
   "$R run --editor alphaedit --label alphaedit_b10 --edit-batch 10 --runs stream online --views none --threads $T"
   # 9. MEND with the bundled hypernetwork (no retrained one beat it: mend_training.md), with intervals
   "$R run --editor mend --label mend_bundled --runs stream online --threads $T"
-  # 10-. the downstream pass (paper counts, N = 0, 100, 200) for every new row
-  "$R downstream --label rome_original --runs rect_online rect_prune_online --threads $T"
+  # 10-. the downstream pass (paper counts) for every new row: N = 0, 100, 200 for the main table's rows; N = 0, 200
+  # for the rows only the restraint comparison shows (its tables are at N = 200). N = 0 is one pass for all labels, and
+  # a view with the same weights as one already evaluated (an idle restraint) takes its rows.
+  "$R downstream --label rome_original --runs rect_online rect_prune_online --at 0,200 --threads $T"
   "$R downstream --label rome_original_seed1 --runs stream online --threads $T"
   "$R downstream --label rome_averaged --runs stream online --threads $T"
-  "$R downstream --label memit_l1500 --runs stream online rect_online --views none deferred_e deferred_1.2 deferred_rect --threads $T"
-  "$R downstream --label alphaedit --runs stream online --views none --threads $T"
+  "$R downstream --label memit_l1500 --runs stream online --views none deferred_e deferred_1.2 --threads $T && $R downstream --label memit_l1500 --runs stream rect_online --views deferred_rect --at 0,200 --threads $T"
+  "$R downstream --label alphaedit --runs stream online --views none --at 0,200 --threads $T"
   "$R downstream --label mend_bundled --runs stream online --threads $T"
-  "$R downstream --label memit_b10 --runs stream online rect_online --threads $T"
-  "$R downstream --label alphaedit_b10 --runs stream online --views none --threads $T"
+  "$R downstream --label memit_b10 --runs stream online rect_online --views none deferred_e deferred_1.2 deferred_rect --at 0,200 --threads $T"
+  "$R downstream --label alphaedit_b10 --runs stream online --views none --at 0,200 --threads $T"
 )
 if [[ $# -gt 0 ]]; then
   eval "${steps[$(($1 - 1))]}"

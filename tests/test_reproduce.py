@@ -295,3 +295,89 @@ def test_batch_stream_scores_each_request_and_a_subset_of_views(tmp_path, model_
     with pytest.raises(SystemExit, match=r"--views: unknown view\(s\) \['deferred_2'\]"):
         driver("run", "--editor", "ft", "--model", model_dir, "--data", DEMO, "--n", 2, "--runs", "stream",
                "--views", "deferred_2", "--out", tmp_path / "other", "--threads", 1, "--ppl-texts", 2)
+
+
+def test_views_with_the_same_weights_are_evaluated_once(tmp_path, model_dir, driver):
+    """A deferred PRUNE view whose restraint is idle (σ_max(ΔW) ≤ τ: default FT on the tiny model) is the
+    unrestrained model bit for bit: its rows are copied from ``none`` and marked; a view whose restraint acts (large
+    FT updates) is evaluated on its own. The downstream pass reuses a pass on the same weights across runs."""
+    out = tmp_path / "out"
+    common = ["--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 2, "--ppl-every", 2,
+              "--ppl-texts", 2, "--threads", 1, "--n", 2, "--snapshot-at", 2]
+    driver("run", *common, "--out", out)
+    driver("run", *common, "--out", out, "--label", "big", "--editor-args", json.dumps(HP), "--runs", "stream")
+    small, big = rows_of(out / "ft_stream.jsonl"), rows_of(out / "big_stream.jsonl")
+    name = next(iter(torch.load(out / "ft_stream.pt", weights_only=False)["matrices"]))
+    sig = f"spectrum/{name}/delta_sigma_max"
+    tau = json.loads((out / "setup.json").read_text())["ft τ = σ_max(W₀)"][name]
+    assert metrics(small, "none", 2)[sig] < tau < metrics(big, "none", 2)[sig]  # idle / acting, as the test assumes
+    for n in (1, 2):
+        copied = [r for r in small if r["n"] == n and r["view"] == "deferred_e"]
+        assert copied and all(r["same_weights_as"] == "none" for r in copied)
+        assert [(r["metric"], r["value"]) for r in copied] == [
+            (r["metric"], r["value"]) for r in small if r["n"] == n and r["view"] == "none"]
+        assert not any("same_weights_as" in r for r in big if r["n"] == n)
+    # independent: the idle view's weights are W₀ + ΔW exactly, so its perplexity is the unrestrained one
+    st = torch.load(out / "ft_stream.pt", weights_only=False)
+    from lit_prune.restraint import AccumulatedUpdate
+
+    acc = AccumulatedUpdate.from_state_dict(st["matrices"][name])
+    keep = torch.empty_like(st["weights"][name])
+    w = st["weights"][name].clone()
+    res = acc.write_restrained(w, math.e, commit=False, keep=keep)
+    assert (res is None or not res.changed) and torch.equal(w, st["weights"][name])
+
+    # downstream: the online run of default FT never restrained anything, so it is the stream's model at N = 2
+    ds = ["downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
+          "--out", out]
+    driver(*ds, "--runs", "stream")
+    driver(*ds, "--runs", "online")
+    down, onl = rows_of(out / "ft_stream_downstream.jsonl"), rows_of(out / "ft_online_downstream.jsonl")
+    evaluated = [r for r in down if r["n"] == 2 and "same_weights_as" not in r]
+    assert {r["view"] for r in evaluated} == {"none"}
+    on2 = [r for r in onl if r["n"] == 2]
+    assert on2 and all(r["same_weights_as"] == "ft/stream:none:2" for r in on2)
+    assert [(r["metric"], r["value"]) for r in on2] == [(r["metric"], r["value"]) for r in evaluated]
+    assert torch.equal(torch.load(out / "ft_online_n2.pt", weights_only=False)["weights"][name],
+                       torch.load(out / "ft_stream_n2.pt", weights_only=False)["weights"][name])
+    # N = 0 is the same unedited model for every label: another label's pass on the same examples is taken over
+    driver("downstream", "--label", "big", "--model", model_dir, "--at", "0", "--examples", 2, "--threads", 1,
+           "--out", out, "--runs", "stream", "--views", "none", "deferred_e")
+    big0 = rows_of(out / "big_stream_downstream.jsonl")
+    ft0 = [r for r in down if r["n"] == 0 and r["view"] == "none"]
+    assert {r["view"] for r in big0} == {"none", "deferred_e"} and {r["run"] for r in big0} == {"big/stream"}
+    assert sorted((r["metric"], r["value"]) for r in big0 if r["view"] == "none") == sorted(
+        (r["metric"], r["value"]) for r in ft0)
+    driver("downstream", "--label", "big3", "--model", model_dir, "--at", "0", "--examples", 3, "--threads", 1,
+           "--out", out, "--runs", "stream", "--views", "none")  # other example counts: evaluated, not taken over
+    assert {r["count"] for r in rows_of(out / "big3_stream_downstream.jsonl") if r["metric"] == "downstream/nli"} == {3}
+
+
+def test_an_online_run_whose_prune_never_acts_is_derived_from_the_stream(tmp_path, model_dir, driver):
+    """Default FT on the tiny model keeps σ_max(ΔW) < τ after every edit: the online run's rows are the stream's
+    (marked), equal to a real online run's (``--no-derive-idle``), and its snapshots hold the same weights; with
+    large updates (PRUNE acts) the online run is run."""
+    common = ["--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 2, "--ppl-every", 1,
+              "--ppl-texts", 2, "--threads", 1, "--n", 3, "--snapshot-at", 2]
+    real, fast = tmp_path / "real", tmp_path / "fast"
+    driver("run", *common, "--out", real, "--no-derive-idle")
+    driver("run", *common, "--out", fast)
+    a, b = rows_of(real / "ft_online.jsonl"), rows_of(fast / "ft_online.jsonl")
+    assert all(r["same_weights_as"] == "ft/stream:none" for r in b) and not any("same_weights_as" in r for r in a)
+    key = lambda rs: sorted((r["view"], r["n"], r["metric"]) for r in rs if not r["metric"].startswith("time/"))
+    assert key(a) == key(b) and {r["view"] for r in b} == {"online_e", "-"}
+    va, vb = ({(r["n"], r["metric"]): r["value"] for r in rs if not r["metric"].startswith("time/")} for rs in (a, b))
+    for k, v in va.items():  # the same model: equal scores; σ_max(ΔW) from the two runs' factors of the same ΔW
+        assert vb[k] == (pytest.approx(v, rel=1e-5) if k[1].endswith("delta_sigma_max") else v), k
+    assert "derived from ft/stream" in json.loads((fast / "setup.json").read_text())["ft online"]
+    for f in ("ft_online_n2.pt", "ft_online.pt"):
+        wa, wb = (torch.load(d / f, weights_only=False)["weights"] for d in (real, fast))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f
+    # edited in other batches than the stream: not the same edits, so it is run
+    for f in fast.glob("ft_online*"):
+        f.unlink()
+    driver("run", *common, "--out", fast, "--runs", "online", "--edit-batch", 3)
+    assert not any("same_weights_as" in r for r in rows_of(fast / "ft_online.jsonl"))
+    acting = tmp_path / "acting"
+    driver("run", *common, "--out", acting, "--editor-args", json.dumps(HP))
+    assert not any("same_weights_as" in r for r in rows_of(acting / "ft_online.jsonl"))
