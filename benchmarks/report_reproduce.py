@@ -173,8 +173,9 @@ def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None
             if any(all(x == "–" or x == y for x, y in zip(cells, c)) for _, c in seen):
                 continue
             seen.append((label, cells))
+        plain = sum(label not in V1 for label, _ in seen) == 1  # one v2 measurement of the unedited model
         for label, cells in seen:
-            who = "unedited" if len(seen) == 1 else f"unedited ({name(label)}'s N = 0)"
+            who = "unedited" if len(seen) == 1 or (plain and label not in V1) else f"unedited ({name(label)}'s N = 0)"
             lines.append(f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
     for key in (sorted(s) if keys is None else [k for k in keys if k in s]):
         nmax, vals = row_cells(s[key], cols)
