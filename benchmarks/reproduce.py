@@ -60,7 +60,7 @@ from lit_prune.models import load_model, load_texts  # noqa: E402
 from lit_prune.restraint import AccumulatedUpdate, condition_number, sigma_max  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from intervals import mean_interval, perplexity_interval, wilson  # noqa: E402
+from intervals import bootstrap, mean_interval, perplexity_interval, wilson  # noqa: E402
 
 DATA = Path(os.environ.get("LIT_PRUNE_DATA", ROOT.parent / "shared" / "data"))
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "reproduce"
@@ -233,10 +233,14 @@ def score_rows(run: str, view: str, n: int, prefix: str, values: dict, with_ci: 
 
 
 def task_rows(run: str, view: str, n: int, task: str, metric, n_examples: int) -> list[dict]:
-    """Rows of one downstream task: its values; a Wilson interval for accuracies (every task but summarization)."""
+    """Rows of one downstream task: its values; on the reference score a 95 % interval: Wilson for accuracies, the
+    seeded bootstrap over examples for summarization (each example's mean ROUGE-1/2/L F1)."""
     out = []
     for k, v in task_values(task, metric.compute()).items():
-        ci = wilson(float(v) * n_examples, n_examples) if task != "summarization" and 0 <= float(v) <= 1 else None
+        if task == "summarization":
+            ci = bootstrap(metric.per_example().numpy())
+        else:
+            ci = wilson(float(v) * n_examples, n_examples) if 0 <= float(v) <= 1 else None
         out.append(row(run, view, n, f"downstream/{k}", v, ci if k == task else None, n_examples))
     return out
 
@@ -476,6 +480,12 @@ def run(args) -> None:
         stream.reset()  # back to the unedited model for the next run
 
 
+def _task_of(metric: str) -> str | None:
+    """The task of a ``downstream/<task>[_<value>]`` row (``downstream/qa_gold_nll`` -> qa), else None."""
+    name = metric.split("/", 1)[1] if metric.startswith("downstream/") else ""
+    return next((t for t in TASK_FILES if name == t or name.startswith(t + "_")), None)
+
+
 def unedited_rows(out: Path, label: str, tasks: dict) -> list[dict]:
     """The downstream rows of an N = 0 pass already in ``out`` on the same examples (the label's own stream first,
     then any other label's: every label edits the same unedited model of ``out``), or [] when there is none."""
@@ -492,25 +502,29 @@ def unedited_rows(out: Path, label: str, tasks: dict) -> list[dict]:
 def downstream(args) -> None:
     """The paper's four tasks on the snapshots of finished runs (``<label>_<run>_n<N>.pt``) and on the unedited model
     (N = 0), every view (``--views``: only these views of the stream, ``deferred_rect`` among them), resumable: rows go
-    to ``<label>_<run>_downstream.jsonl``; a (view, N) already there is skipped."""
+    to ``<label>_<run>_downstream.jsonl``; a (view, N) already there is skipped. ``--tasks``: only these tasks;
+    ``--rescore``: the (view, N) already there are evaluated again on those tasks and their rows replaced (e.g. to
+    add the summarization interval to rows written before it existed); nothing else is evaluated."""
     known = {**VIEWS, **RECT_VIEW}
     unknown = sorted(set(args.views or []) - set(known))
     if unknown:  # before the model loads or anything is written
         raise SystemExit(f"--views: unknown view(s) {unknown} of the stream (known: {sorted(known)})")
+    if args.tasks and not args.rescore:
+        raise SystemExit("--tasks needs --rescore: a new pass on some tasks only would count as done for the others")
     stream_views = {v: known[v] for v in args.views or []}
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)
     counts = dict(PAPER_COUNTS) if args.examples == "paper" else {t: int(args.examples) for t in TASK_FILES}
-    tasks = load_tasks(counts)
+    tasks = {t: exs for t, exs in load_tasks(counts).items() if not args.tasks or t in args.tasks}
     if not tasks:
         raise SystemExit(f"no downstream test sets under {DATA / 'downstream'}")
     runs = {name: views for name, (_, views) in RUNS.items()}
     if args.views:
         runs["stream"] = stream_views
     seen: dict[str, list[dict]] = {}  # weights key -> the rows of a pass on those weights (any run of this label)
-    for f in sorted(out.glob(f"{args.label}_*_downstream.jsonl")):
+    for f in [] if args.rescore else sorted(out.glob(f"{args.label}_*_downstream.jsonl")):
         for r in map(json.loads, f.read_text().splitlines()):
             if "weights" in r and "same_weights_as" not in r:
                 seen.setdefault(r["weights"], []).append(r)
@@ -528,18 +542,19 @@ def downstream(args) -> None:
             if state:
                 stream.load(state)
             views = list(runs[run_name].items())
-            if n == 0 and (views[0][0], 0) not in done and (same := unedited_rows(out, args.label, tasks)):
+            if n == 0 and not args.rescore and (views[0][0], 0) not in done and (
+                    same := unedited_rows(out, args.label, tasks)):
                 with rows_file.open("a") as f:  # the unedited model was evaluated already (this label or another)
                     f.writelines(json.dumps({**r, "run": tag, "view": v}) + "\n" for v, _ in views for r in same)
                 done |= {(v, 0) for v, _ in views}
                 print(f"[{tag}] downstream at N = 0: the unedited model's rows of {same[0]['run']}")
             for view, alpha in (views if n > 0 else views[:1]):  # N = 0: the unedited model, once
-                if (view, n) in done:
+                if ((view, n) in done) != args.rescore:  # a pass not yet made / (--rescore) one to make again
                     continue
                 t0 = time.time()
                 stream.show(alpha)
                 key = stream.weights_key()
-                if n > 0 and key in seen:  # the same model bit for bit: its scores are those of that pass
+                if key in seen:  # the same model bit for bit: its scores are those of that pass
                     src = seen[key][0]
                     rows = [{**r, "run": tag, "view": view, "n": n, "same_weights_as": f"{src['run']}:{src['view']}:"
                              f"{src['n']}"} for r in seen[key]]
@@ -553,8 +568,14 @@ def downstream(args) -> None:
                 stream.hide()
                 if n == 0:
                     rows += [{**r, "view": v} for v, _ in views[1:] for r in rows]
-                with rows_file.open("a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                if args.rescore:  # the rows of these tasks at these (view, N) are replaced, the others kept
+                    at = {(r["view"], n) for r in rows}
+                    old = [r for r in map(json.loads, rows_file.read_text().splitlines())
+                           if not ((r["view"], r["n"]) in at and _task_of(r["metric"]) in tasks)]
+                    rows_file.write_text("".join(json.dumps(r) + "\n" for r in old + rows))
+                else:
+                    with rows_file.open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in rows)
                 how = f"the weights of {rows[0]['same_weights_as']}, rows copied" if "same_weights_as" in rows[0] \
                     else f"{time.time() - t0:.0f} s"
                 print(f"[{tag}] downstream at N = {n}, {view}: {how}", flush=True)
@@ -607,6 +628,9 @@ def main() -> None:
                    help="only these views of the stream (default: none and the deferred PRUNE views; add "
                         "'deferred_rect' for a run made with --rect-view)")
     d.add_argument("--examples", default="paper", help="'paper' (358/149/261/299) or a number per task")
+    d.add_argument("--tasks", nargs="+", choices=list(TASK_FILES), default=None, help="only these tasks")
+    d.add_argument("--rescore", action="store_true",
+                   help="evaluate the (view, N) already done again on --tasks and replace their rows")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--threads", type=int, default=None)

@@ -104,6 +104,14 @@ def test_rouge_matches_torchmetrics():
         assert math.isclose(float(got[k]), float(theirs[f"{k}_fmeasure"]), rel_tol=1e-6), k
     mean = sum(float(theirs[f"{k}_fmeasure"]) for k in ("rouge1", "rouge2", "rougeL")) / 3
     assert math.isclose(float(got["mean"]), mean, rel_tol=1e-6)
+    # per example: the mean of the three F1s of torchmetrics on that example alone, in update order
+    one = [sum(float(ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))([p], [r])[f"{k}_fmeasure"])
+               for k in ("rouge1", "rouge2", "rougeL")) / 3 for p, r in zip(preds, refs)]
+    assert ours.per_example().tolist() == pytest.approx(one, rel=1e-6)
+    assert float(ours.per_example().mean()) == pytest.approx(mean, rel=1e-6)
+    empty = RougeF1()
+    empty.update([], [])
+    assert empty.per_example().shape == (0,) and int(empty.compute()["n"]) == 0
 
 
 def manual_nll(model, tok, text, max_length):

@@ -28,6 +28,7 @@ def driver(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["reproduce.py", *map(str, argv)])
         mod.main()
 
+    call.module = mod
     return call
 
 
@@ -208,6 +209,20 @@ def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, d
     nli = next(r for r in down if r["metric"] == "downstream/nli" and r["n"] == 2 and r["view"] == "none")
     assert nli["count"] == 2 and (nli["lo"], nli["hi"]) == pytest.approx(
         __import__("intervals").wilson(nli["value"] * 2, 2))
+    # summarization: the bootstrap over examples of each example's mean ROUGE-1/2/L F1, recomputed here from the
+    # unedited model's own generations
+    summ = next(r for r in down if r["metric"] == "downstream/summarization" and r["n"] == 0 and r["view"] == "none")
+    from lit_prune.metrics.downstream import MAX_NEW_TOKENS, generate
+    from lit_prune.metrics.tasks import ROUGE_KEYS, rouge_f1
+    from lit_prune.models import load_model
+
+    exs = driver.module.load_tasks({"summarization": 2})["summarization"]
+    m, tk = load_model(str(model_dir))
+    gens = generate(m, tk, [e.prompt for e in exs], MAX_NEW_TOKENS["summarization"], 16, 1024)
+    sc = rouge_f1(gens, [e.target for e in exs])
+    per = np.mean([sc[k].numpy() for k in ROUGE_KEYS], axis=0)
+    assert summ["value"] == pytest.approx(float(per.mean()), rel=1e-6)
+    assert (summ["lo"], summ["hi"]) == pytest.approx(__import__("intervals").bootstrap(per), rel=1e-6)
     before = (out / "ft_stream_downstream.jsonl").read_text()
     driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
            "--out", out, "--runs", "stream")
@@ -219,6 +234,25 @@ def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, d
     assert {(r["view"], r["n"]) for r in seed_down} == {(v, n) for v in ("none", "deferred_rect") for n in (0, 2)}
     with pytest.raises(SystemExit, match="unknown view"):
         driver("downstream", "--label", "ft", "--model", model_dir, "--out", out, "--views", "rect")
+    with pytest.raises(SystemExit, match="--tasks needs --rescore"):
+        driver("downstream", "--label", "ft", "--model", model_dir, "--out", out, "--tasks", "nli")
+    # --rescore: rows written without the summarization interval get it; the other tasks' rows stay as they were
+    f = out / "ft_stream_downstream.jsonl"
+    stripped = [{k: v for k, v in r.items() if not (r["metric"] == "downstream/summarization" and k in ("lo", "hi"))}
+                for r in rows_of(f)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
+           "--out", out, "--runs", "stream", "--tasks", "summarization", "--rescore")
+    again = rows_of(f)
+    key = lambda r: (r["view"], r["n"], r["metric"])
+    assert sorted(map(key, again)) == sorted(map(key, down))
+    by = {key(r): r for r in again}
+    for r in down:
+        assert by[key(r)]["value"] == pytest.approx(r["value"], rel=1e-6), key(r)
+        if r["metric"] == "downstream/summarization":
+            assert (by[key(r)]["lo"], by[key(r)]["hi"]) == pytest.approx((r["lo"], r["hi"]), rel=1e-6)
+        elif "downstream/summarization" not in r["metric"]:
+            assert by[key(r)] == next(x for x in stripped if key(x) == key(r))  # untouched
 
 
 def test_rect_and_composed_runs_equal_the_callbacks(tmp_path, model_dir, driver, monkeypatch):

@@ -175,7 +175,8 @@ class QAAccuracy(_ParsedAccuracy):
 class RougeF1(_SumMetric):
     """Mean ROUGE-1/2/L F1 over examples. ``update(predictions, references)`` (strings);
     ``compute()`` -> ``{"rouge1", "rouge2", "rougeL", "mean", "n"}`` (``mean``: the average of the three, the paper's
-    score; ``n``: examples).
+    score; ``n``: examples). :meth:`per_example` gives each example's average of the three (their mean is ``mean``),
+    for an interval over examples (the reproduction's bootstrap).
     """
 
     higher_is_better = True
@@ -185,13 +186,24 @@ class RougeF1(_SumMetric):
         for k in ROUGE_KEYS:
             self._sum_state(f"{k}_sum")
         self._sum_state("total")
+        self.add_state("example_mean", default=[], dist_reduce_fx="cat")
 
     def update(self, predictions: Sequence[str], references: Sequence[str]) -> None:
         if len(predictions) != len(references):
             raise ValueError(f"RougeF1: {len(predictions)} predictions for {len(references)} references")
-        for k, v in rouge_f1(predictions, references).items():
+        scores = rouge_f1(predictions, references)
+        for k, v in scores.items():
             self._add(f"{k}_sum", v)
         self.total += len(predictions)
+        # appended on an empty shard too (a (0,) tensor), so every rank has a tensor to gather
+        self.example_mean.append(torch.stack([scores[k] for k in ROUGE_KEYS]).mean(0).reshape(-1).to(self.device))
+
+    def per_example(self) -> Tensor:
+        """(n,) float64: each example's mean of ROUGE-1/2/L F1, in update order (this process's; after a sync, all)."""
+        v = self.example_mean
+        if isinstance(v, Tensor):
+            return v.double()
+        return torch.cat(v).double() if v else torch.zeros(0, dtype=torch.float64)
 
     def compute(self) -> dict[str, Tensor]:
         if self.total == 0:
