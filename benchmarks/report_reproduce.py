@@ -297,7 +297,9 @@ def report(out: Path, doc: Path) -> str:
     text += [f"- **{k}**: {v}" for k, v in setup.items()]
     text += ["", "## Results at the largest N", "",
              "Rates ×100 with 95 % intervals in brackets where the rows carry them (Wilson for rates of 0/1 values, "
-             "bootstrap otherwise). Retention: all edits so far re-scored on the evaluated model (the paper's "
+             "bootstrap otherwise; summarization, the mean of ROUGE-1/2/L F1: bootstrap over examples, shown on the "
+             "passes made since it is recorded — `reproduce.py downstream --tasks summarization --rescore` adds it to "
+             "older ones). Retention: all edits so far re-scored on the evaluated model (the paper's "
              "protocol); immediate: each edit scored right after it, mean over the edits. Perplexity on held-out "
              "bundled Wikipedia summaries (lower is better); max κ(W) and σ_max(ΔW) over the edited matrices "
              "(τ = σ_max(W₀) of each matrix: in the set-up). A value measured at a smaller N than the row's (the "

@@ -43,6 +43,8 @@ steps=(
   "$R downstream --label mend_bundled --runs stream online --threads $T"
   "$R downstream --label memit_b10 --runs stream online rect_online --views none deferred_e deferred_1.2 deferred_rect --at 0,200 --threads $T"
   "$R downstream --label alphaedit_b10 --runs stream online --views none --at 0,200 --threads $T"
+  # 18. the summarization interval (bootstrap over examples) for the passes made before it was recorded
+  "for l in rome_original memit_l1500 memit_b10; do $R downstream --label \$l --runs stream online rect_online rect_prune_online --views none deferred_e deferred_1.2 deferred_rect --tasks summarization --rescore --threads $T; done"
 )
 if [[ $# -gt 0 ]]; then
   eval "${steps[$(($1 - 1))]}"
