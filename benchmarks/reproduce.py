@@ -566,8 +566,9 @@ def downstream(args) -> None:
                         rows += [{**r, "weights": key} for r in task_rows(tag, view, n, task, m, len(exs))]
                     seen[key] = rows
                 stream.hide()
-                if n == 0:
-                    rows += [{**r, "view": v} for v, _ in views[1:] for r in rows]
+                if n == 0:  # (--rescore: only the views that have rows at N = 0)
+                    rows += [{**r, "view": v} for v, _ in views[1:] if not args.rescore or (v, 0) in done
+                             for r in rows]
                 if args.rescore:  # the rows of these tasks at these (view, N) are replaced, the others kept
                     at = {(r["view"], n) for r in rows}
                     old = [r for r in map(json.loads, rows_file.read_text().splitlines())

@@ -242,7 +242,8 @@ def test_labels_orders_immediate_rows_and_downstream_pass(tmp_path, model_dir, d
                 for r in rows_of(f)]
     f.write_text("".join(json.dumps(r) + "\n" for r in stripped))
     driver("downstream", "--label", "ft", "--model", model_dir, "--at", "0,2", "--examples", 2, "--threads", 1,
-           "--out", out, "--runs", "stream", "--tasks", "summarization", "--rescore")
+           "--out", out, "--runs", "stream", "--tasks", "summarization", "--rescore",
+           "--views", "none", "deferred_e", "deferred_1.2", "deferred_rect")  # no deferred_rect rows: none written
     again = rows_of(f)
     key = lambda r: (r["view"], r["n"], r["metric"])
     assert sorted(map(key, again)) == sorted(map(key, down))
