@@ -152,11 +152,8 @@ def same_as(m: dict) -> str | None:
     """The view whose model a (label, view) row is, bit for bit, when the driver copied all its rows after N = 0 from
     it (``same_weights_as``: an idle restraint; ``reproduce.py``'s ``Stream.weights_key``), else None."""
     src = {r.get("same_weights_as") for pts in m.values() for n, r in pts.items() if n > 0}
-    if len(src) != 1 or None in src:
-        views = {v.split(":")[1] if ":" in v else v for v in src if v}
-        return views.pop() if None not in src and len(views) == 1 else None
-    v = src.pop()
-    return v.split(":")[1] if ":" in v else v
+    views = {v.split(":")[1] if ":" in v else v for v in src if v}  # "label/run:view:N" (downstream) or "view"
+    return views.pop() if None not in src and len(views) == 1 else None
 
 
 def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None = None) -> str:
