@@ -357,6 +357,35 @@ def idle_prune_rows(out: Path, label: str, run_name: str, view: str, n_edits: in
     return derived, max(ratios)
 
 
+def write_derived_run(out: Path, label: str, run_name: str, rows: list[dict], ratio: float,
+                      snapshot_at: list[int], n_edits: int) -> None:
+    """Writes an online run derived by :func:`idle_prune_rows`: its rows, the stream's state snapshots as its own
+    (for the downstream pass), the stream's end state as its checkpoint (a later, longer run continues from N) and
+    the setup.json entry that says so."""
+    rows_file, ckpt = out / f"{label}_{run_name}.jsonl", out / f"{label}_{run_name}.pt"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k in snapshot_at:
+        if k <= n_edits and (out / f"{label}_stream_n{k}.pt").is_file():
+            shutil.copyfile(out / f"{label}_stream_n{k}.pt", out / f"{label}_{run_name}_n{k}.pt")
+    end = out / f"{label}_stream_n{n_edits}.pt"
+    if not end.is_file() and (out / f"{label}_stream.pt").is_file() and torch.load(
+            out / f"{label}_stream.pt", weights_only=False)["next"] == n_edits:
+        end = out / f"{label}_stream.pt"
+    if end.is_file():
+        shutil.copyfile(end, ckpt)
+    elif ckpt.is_file():
+        ckpt.unlink()
+    setup_file = out / "setup.json"
+    setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
+    setup[f"{label} {run_name}"] = (
+        f"derived from {label}/stream: σ_max(ΔW) < τ after each of its edits to N = {n_edits} (largest σ_max(ΔW)/τ "
+        f"{ratio:.2f}), so PRUNE never acts and the online run is the stream bit for bit (rows marked "
+        "same_weights_as; --no-derive-idle runs it)")
+    setup_file.write_text(json.dumps(setup, indent=1))
+    print(f"[{label}/{run_name}] = {label}/stream: PRUNE never acts (σ_max(ΔW)/τ ≤ {ratio:.2f} after every edit); "
+          f"{len(rows)} rows derived, not re-run")
+
+
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,26 +439,7 @@ def run(args) -> None:
         if run_name != "stream" and online and all(k == "prune" for k, _ in online) and args.derive_idle:
             derived = idle_prune_rows(out, label, run_name, next(iter(views)), args.n, tau, args.edit_batch)
         if derived:
-            rows, ratio = derived
-            rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            for k in args.snapshot_at:  # the stream's states are this run's (for the downstream pass)
-                if k <= args.n and (out / f"{label}_stream_n{k}.pt").is_file():
-                    shutil.copyfile(out / f"{label}_stream_n{k}.pt", out / f"{label}_{run_name}_n{k}.pt")
-            end = out / f"{label}_stream_n{args.n}.pt"
-            if not end.is_file() and (out / f"{label}_stream.pt").is_file() and torch.load(
-                    out / f"{label}_stream.pt", weights_only=False)["next"] == args.n:
-                end = out / f"{label}_stream.pt"
-            if end.is_file():  # a later, longer run continues from N
-                shutil.copyfile(end, ckpt)
-            elif ckpt.is_file():
-                ckpt.unlink()
-            setup[f"{label} {run_name}"] = (
-                f"derived from {label}/stream: σ_max(ΔW) < τ after each of its edits to N = {args.n} (largest σ_max(ΔW)/τ "
-                f"{ratio:.2f}), so PRUNE never acts and the online run is the stream bit for bit (rows marked "
-                "same_weights_as; --no-derive-idle runs it)")
-            setup_file.write_text(json.dumps(setup, indent=1))
-            print(f"[{tag}] = {label}/stream: PRUNE never acts (σ_max(ΔW)/τ ≤ {ratio:.2f} after every edit); "
-                  f"{len(rows)} rows derived, not re-run")
+            write_derived_run(out, label, run_name, *derived, args.snapshot_at, args.n)
             continue
         stream = Stream(model, names, online, tau)
         start = 0
