@@ -24,7 +24,7 @@ TASKS = [("downstream/reasoning", "Reasoning"), ("downstream/summarization", "Su
          ("downstream/qa", "QA"), ("downstream/nli", "NLI")]
 EXTRA = [("downstream/nli_likelihood", "NLI likelihood"), ("downstream/qa_gold_nll", "QA gold NLL")]
 CHANCE = {"downstream/nli": 0.5}
-EDITORS = ("rome", "memit", "mend", "ft", "alphaedit")
+EDITORS = {"rome": "ROME", "memit": "MEMIT", "mend": "MEND", "ft": "FT", "alphaedit": "AlphaEdit"}
 
 
 def load_rows(out: Path) -> list[dict]:
@@ -49,9 +49,23 @@ def series(rows: list[dict]) -> dict:
 V1 = {"v1_rome": "v1 r-ROME", "v1_memit": "v1 MEMIT λ=15000", "v1_mend": "v1 MEND"}
 
 
+# The main table's row order: the issue's rows first (the paper's ROME on both orders, r-ROME, MEMIT, MEND), then the
+# rows only the restraint comparison needs, then any other label (sorted); within a label, the views in VIEW_ORDER.
+LABEL_ORDER = ("rome_original", "rome_original_seed1", "rome_averaged", "memit_l1500", "mend_bundled", "alphaedit",
+               "memit_b10", "alphaedit_b10")
+VIEW_ORDER = ("none", "deferred_e", "deferred_1.2", "deferred_rect", "online_e", "rect_online", "rect_prune_online")
+
+
+def row_order(key: tuple[str, str]) -> tuple:
+    """Sort key of a (label, view) row: :data:`LABEL_ORDER`, then :data:`VIEW_ORDER`, unknown ones after, by name."""
+    label, view = key
+    return (label in V1, LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER), label,
+            VIEW_ORDER.index(view) if view in VIEW_ORDER else len(VIEW_ORDER), view)
+
+
 def name(label: str) -> str:
     """A row's editor cell: the v1 rows say so, a label named after an editor is that editor, else the label."""
-    return V1.get(label) or (label.upper() if label in EDITORS else label)
+    return V1.get(label) or EDITORS.get(label, label)
 
 
 def immediate(m: dict, key: str, upto: int) -> tuple[float, float, float] | None:
@@ -156,30 +170,82 @@ def same_as(m: dict) -> str | None:
     return views.pop() if None not in src and len(views) == 1 else None
 
 
+def _point(c: str) -> str:
+    """A cell without its interval: ``'13.63 [12.25, 15.16]'`` -> ``'13.63'``."""
+    return c.split(" [", 1)[0]
+
+
+def unedited_rows(s: dict, v1: bool) -> list[tuple[str, list[str]]]:
+    """The distinct N = 0 measurements of the unedited model among the v2 (or the v1) labels, as (label, cells of
+    the main table's columns after the edit scores), the fullest first. Every label edits the same unedited model, so
+    a measurement whose values all agree with one already kept (fewer tasks, or no interval where the other has one)
+    is left out; the v1 sweep measured it on 20 texts and examples, a different measurement."""
+    _, cols = _columns(s)
+    cands = [(label, [cell(m.get(k, {}).get(0), sc) for k, sc in cols]) for (label, view), m in sorted(s.items())
+             if view == "none" and (label in V1) == v1 and 0 in m.get("downstream/perplexity", {})]
+    seen: list[tuple[str, list[str]]] = []
+    for label, cells in sorted(cands, key=lambda c: (-sum(x != "–" for x in c[1]), -sum("[" in x for x in c[1]))):
+        if not any(all(x == "–" or _point(x) == _point(y) for x, y in zip(cells, c)) for _, c in seen):
+            seen.append((label, cells))
+    return seen
+
+
 def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None = None) -> str:
-    """The main table: each (label, view) at its largest N, the unedited model first. ``keys``: only these rows,
-    in this order (no unedited rows); ``names``: (label, view) -> (editor, restraint) cells instead of the defaults."""
+    """A table of each (label, view) at its largest N: ``keys`` (in this order), or else every v2 row in
+    :func:`row_order` with the unedited model first; ``names``: (label, view) -> (editor, restraint) cells instead of
+    the defaults."""
     head, cols = _columns(s)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if keys is None:
-        seen = []  # one "unedited" row per distinct N = 0 evaluation (the set-ups measured it differently)
-        cands = [(label, [cell(m.get(k, {}).get(0), sc) for k, sc in cols]) for (label, view), m in sorted(s.items())
-                 if view == "none" and 0 in m.get("downstream/perplexity", {})]
-        for label, cells in sorted(cands, key=lambda c: -sum(x != "–" for x in c[1])):  # fullest first
-            # a row that only repeats (part of) one already shown, e.g. perplexity without the tasks, is left out
-            if any(all(x == "–" or x == y for x, y in zip(cells, c)) for _, c in seen):
-                continue
-            seen.append((label, cells))
-        plain = sum(label not in V1 for label, _ in seen) == 1  # one v2 measurement of the unedited model
+        seen = unedited_rows(s, v1=False)
         for label, cells in seen:
-            who = "unedited" if len(seen) == 1 or (plain and label not in V1) else f"unedited ({name(label)}'s N = 0)"
+            who = "unedited" if len(seen) == 1 else f"unedited ({name(label)}'s N = 0)"
             lines.append(f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
-    for key in (sorted(s) if keys is None else [k for k in keys if k in s]):
+        keys = sorted((k for k in s if k[0] not in V1), key=row_order)
+    for key in (k for k in keys if k in s):
         nmax, vals = row_cells(s[key], cols)
         editor, restraint = (names or {}).get(key, (name(key[0]), LABELS.get(key[1], key[1])))
         if (src := same_as(s[key])) is not None and src != key[1]:
             restraint += f" (idle: ≡ {(names or {}).get((key[0], src), ('', LABELS.get(src, src)))[1]})"
         lines.append(f"| {editor} | {restraint} | {nmax} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def v1_table(s: dict) -> str:
+    """The v1 rows (:data:`V1`) at their largest N, their own unedited measurement first; '' when there are none."""
+    keys = sorted((k for k in s if k[0] in V1), key=row_order)
+    if not keys:
+        return ""
+    lines = table(s, keys).splitlines()
+    for label, cells in unedited_rows(s, v1=True):
+        lines.insert(2, f"| unedited (v1) | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
+    return "\n".join(lines)
+
+
+# The general-abilities table: the tasks that can move on this model, at each N of the downstream passes.
+ABILITIES = [("downstream/perplexity", "Perplexity", 1), ("downstream/reasoning", "Reasoning", 100),
+             ("downstream/summarization", "Summarization", 100)]
+
+
+def abilities_table(s: dict) -> str:
+    """Perplexity, reasoning and summarization of every v2 (label, view) at each N > 0 where a downstream pass was
+    made (columns ``<task> N=<n>``), the unedited model (N = 0) first; '' when no row has a pass after N = 0."""
+    keys = sorted((k for k in s if k[0] not in V1), key=row_order)
+    ns = sorted({n for k in keys for n in s[k].get("downstream/reasoning", {}) if n > 0})
+    if not ns:
+        return ""
+    head = ["editor", "restraint"] + [f"{t} N={n}" for _, t, _ in ABILITIES for n in ns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = next((s[k] for k in keys if 0 in s[k].get("downstream/reasoning", {})), None)
+    if base:
+        lines.append("| unedited (N = 0) | – | " + " | ".join(
+            cell(base.get(m, {}).get(0), sc) for m, _, sc in ABILITIES for _ in ns) + " |")
+    for key in keys:
+        m = s[key]
+        if not any(n in m.get("downstream/reasoning", {}) for n in ns):
+            continue
+        lines.append(f"| {name(key[0])} | {LABELS.get(key[1], key[1])} | " + " | ".join(
+            cell(m.get(k, {}).get(n), sc) for k, _, sc in ABILITIES for n in ns) + " |")
     return "\n".join(lines)
 
 
@@ -304,6 +370,18 @@ def report(out: Path, doc: Path) -> str:
              "on the unedited model, (chance) is at chance there: its changes say nothing about general abilities.",
              "",
              text_table, ""]
+    if abil := abilities_table(s):
+        text += ["### General abilities at each N of the downstream passes", "",
+                 "The tasks that can show a change on this model (QA and NLI are at the floor) for every row, at "
+                 "each N where the downstream pass was made (the paper's example counts; perplexity every 25 "
+                 "edits: the curves), 95 % intervals as above; a row without a pass at some N shows '–' there.", "",
+                 abil, ""]
+    if v1 := v1_table(s):
+        text += ["### v1 rows (the first sweep, kept as measured)", "",
+                 "r-ROME, MEMIT with the λ borrowed from the Llama presets (λ = 15000: PRUNE never acted), and MEND "
+                 "with the bundled hypernetwork (the same editor as `mend_bundled` above, which supersedes it): "
+                 "perplexity on 20 held-out texts, 20 examples per downstream task (one example is 5 points), no "
+                 "intervals, no immediate scores; the unedited model measured the same way first.", "", v1, ""]
     comp_text, comp_figs = comparison(s, plt, figdir)
     text += ["## Restraints compared", "",
              "The field's answers to sequential-editing collapse on the same stream and with the same metrics as the "

@@ -27,7 +27,9 @@ the edited matrices). The downstream rows carry the key (``weights``), so later 
 Resumable: the restraint state (``<editor>_<run>.pt``: each matrix's ``AccumulatedUpdate.state_dict()``) and every metric row (``<editor>_<run>.jsonl``)
 are written to ``--out`` after each edit; a crashed sweep continues where it stopped. The ``.pt`` state stays local
 (gitignored: up to 64 MB per run); the committed rows are what ``report`` reads. Without the state file a run starts
-again from N = 0 and rewrites its rows. ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
+again from N = 0 and rewrites its rows. The snapshots the downstream pass reads are local too: ``run ... --snapshots-only``
+(the run's own arguments) recreates them on a fresh checkout from the edits alone, checked after every edit against
+σ_max(ΔW) in the committed rows, without evaluating or rewriting anything (for ROME, ~edit time: 100 edits in ~15 min). ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
 resolver knows, with hub access for hub ids).
 """
 
@@ -386,6 +388,15 @@ def write_derived_run(out: Path, label: str, run_name: str, rows: list[dict], ra
           f"{len(rows)} rows derived, not re-run")
 
 
+def compute_updates(editor, model, tok, batch: list, i: int) -> dict[str, LowRankUpdate]:
+    """The editor's updates for the requests ``batch`` (edits ``i``..), as float32 CPU factors, checked (shapes,
+    finite values) before anything is written."""
+    updates = editor.compute(model, tok, batch)
+    updates = {k: LowRankUpdate(u.A.detach().float().cpu(), u.B.detach().float().cpu()) for k, u in updates.items()}
+    check_updates(model, updates, where=f"edits {i}..{i + len(batch) - 1} (case_ids {[r.case_id for r in batch]})")
+    return updates
+
+
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +415,7 @@ def run(args) -> None:
     tau = {n: sigma_max(params[n].detach()) for n in names}
     setup_file = out / "setup.json"
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
+    setup_before = dict(setup)
     setup.update({
         "model": args.model, "device": args.device, "torch": torch.__version__,
         "data": f"the first N records of {Path(args.data).name} (CounterFact, EasyEdit format), batch size 1; "
@@ -423,7 +435,11 @@ def run(args) -> None:
                      "intervals: Wilson for rates of 0/1 values, bootstrap over requests otherwise",
         "seed": args.seed,
     })
-    setup_file.write_text(json.dumps(setup, indent=1))
+    if not args.snapshots_only:  # --snapshots-only changes nothing but the snapshots
+        setup_file.write_text(json.dumps(setup, indent=1))
+    elif setup_before and any(setup_before.get(k) != setup[k] for k in (f"{label} editor", f"{label} order")):
+        raise SystemExit(f"--snapshots-only: {label}'s editor or order differ from those in {setup_file} (the run "
+                         "being recreated); use the run's own arguments")
     for run_name in args.runs:
         online, views = RUNS[run_name]
         if run_name == "stream" and args.rect_view:
@@ -438,10 +454,19 @@ def run(args) -> None:
         derived = None
         if run_name != "stream" and online and all(k == "prune" for k, _ in online) and args.derive_idle:
             derived = idle_prune_rows(out, label, run_name, next(iter(views)), args.n, tau, args.edit_batch)
+        if derived and args.snapshots_only:  # the stream's weights bit for bit: its snapshots are this run's
+            for k in args.snapshot_at:
+                if (out / f"{label}_stream_n{k}.pt").is_file():
+                    shutil.copyfile(out / f"{label}_stream_n{k}.pt", out / f"{label}_{run_name}_n{k}.pt")
+            continue
         if derived:
             write_derived_run(out, label, run_name, *derived, args.snapshot_at, args.n)
             continue
         stream = Stream(model, names, online, tau)
+        if args.snapshots_only:
+            recreate_snapshots(out, label, run_name, stream, views, editor, model, tok, requests, args)
+            stream.reset()
+            continue
         start = 0
         if ckpt.is_file():
             st = torch.load(ckpt, weights_only=False)
@@ -469,9 +494,7 @@ def run(args) -> None:
         for i in range(start, args.n, B):
             batch = requests[i : i + B]
             t = time.perf_counter()
-            updates = editor.compute(model, tok, batch)
-            updates = {k: LowRankUpdate(u.A.detach().float().cpu(), u.B.detach().float().cpu()) for k, u in updates.items()}
-            check_updates(model, updates, where=f"edits {i}..{i + len(batch) - 1} (case_ids {[r.case_id for r in batch]})")
+            updates = compute_updates(editor, model, tok, batch, i)
             t_r = time.perf_counter()
             stream.add(updates)
             t_edit.append((time.perf_counter() - t) / len(batch))
@@ -488,6 +511,49 @@ def run(args) -> None:
             eta = (time.time() - t0) / (n - start) * (args.n - n)
             print(f"[{tag}] edit {n}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
         stream.reset()  # back to the unedited model for the next run
+
+
+def recreate_snapshots(out: Path, label: str, run_name: str, stream: Stream, views: dict, editor, model, tok,
+                       requests: list, args) -> None:
+    """``run --snapshots-only``: the run's edits (and its online restraints) again up to the largest N of
+    ``--snapshot-at``, writing only the state snapshots ``<label>_<run>_n<N>.pt`` that ``downstream`` reads (local
+    files: a fresh checkout has the committed rows, not the snapshots). Nothing is evaluated; the rows, the
+    checkpoint and setup.json stay as they are. After every edit, σ_max(ΔW) of each edited matrix in the run's first
+    view is checked against the row the run recorded at that N, so a snapshot is only written for the stream the
+    committed rows describe (same editor, order, N and batches); a mismatch stops with the edit and the matrix. The
+    tolerance is 1 % relative: the recreated stream is not bit for bit the evaluated one (measured on the paper's ROME
+    and on MEND: σ_max(ΔW) within 6e-4 relative over 100 edits, through ROME's collapse at case 173), while another
+    stream differs from the first edit on by far more."""
+    tag, rows_file = f"{label}/{run_name}", out / f"{label}_{run_name}.jsonl"
+    if not rows_file.is_file():
+        raise SystemExit(f"[{tag}] --snapshots-only: no rows {rows_file} to check the snapshots against; run it first")
+    first = next(iter(views))
+    recorded = {(r["metric"], r["n"]): r["value"] for r in map(json.loads, rows_file.read_text().splitlines())
+                if r["view"] == first and r["metric"].endswith("/delta_sigma_max")}
+    end = max(args.snapshot_at)
+    if not any(n == end for _, n in recorded):
+        raise SystemExit(f"[{tag}] --snapshots-only: the rows in {rows_file.name} do not reach N = {end}")
+    B, t0 = args.edit_batch, time.time()
+    for i in range(0, end, B):
+        batch = requests[i : i + B]
+        updates = compute_updates(editor, model, tok, batch, i)
+        stream.add(updates)
+        n = i + len(batch)
+        stream.show(views[first])
+        for name, got in stream.sigma.items():
+            want = recorded.get((f"spectrum/{name}/delta_sigma_max", n))
+            if want is None or abs(got - want) > 1e-2 * max(abs(want), 1e-6):  # see the docstring
+                stream.hide()
+                raise SystemExit(f"[{tag}] --snapshots-only: after edit {n} (case_ids {[r.case_id for r in batch]}) "
+                                 f"σ_max(ΔW) of {name} is {got:.6g}, the rows recorded {want}: not the stream of "
+                                 f"{rows_file.name} (other --editor-args, --order, --n or --edit-batch?); no snapshot "
+                                 "at or after this N written")
+        stream.hide()
+        if n in args.snapshot_at:
+            torch.save({**stream.state(), "next": n, "editor": editor.state_dict()}, out / f"{label}_{run_name}_n{n}.pt")
+            print(f"[{tag}] snapshot at N = {n} written ({label}_{run_name}_n{n}.pt)", flush=True)
+        eta = (time.time() - t0) / n * (end - n)
+        print(f"[{tag}] edit {n}/{end} (snapshots only)  ETA {eta / 60:.1f} min", flush=True)
 
 
 def _task_of(metric: str) -> str | None:
@@ -544,7 +610,9 @@ def downstream(args) -> None:
         for n in args.at:
             snap = out / f"{args.label}_{run_name}_n{n}.pt"
             if n > 0 and not snap.is_file():
-                print(f"[{tag}] no snapshot at N = {n} ({snap.name}); run `reproduce.py run` to N first")
+                print(f"[{tag}] no snapshot at N = {n} ({snap.name}): a finished run recreates it with `reproduce.py "
+                      f"run <its arguments> --runs {run_name} --snapshot-at {n} --snapshots-only` (an unfinished one: "
+                      "run it to N)")
                 continue
             state = torch.load(snap, weights_only=False) if n > 0 else None
             names = list(state["matrices"]) if state else []
@@ -611,6 +679,9 @@ def main() -> None:
                         "rows are then the stream's, marked same_weights_as)")
     r.add_argument("--rect-view", action="store_true", help="also show the deferred RECT view (k=0.4) of the stream")
     r.add_argument("--edit-batch", type=int, default=1, help="requests per edit (batch-sequential editing)")
+    r.add_argument("--snapshots-only", action="store_true",
+                   help="recreate the state snapshots (--snapshot-at) of finished runs for `downstream`, checked "
+                        "against their committed rows; nothing else is evaluated or written")
     r.add_argument("--views", nargs="+", default=None,
                    help="evaluate only these views of the stream (default: all; 'none' is the unrestrained model)")
     r.add_argument("--n", type=int, default=200)

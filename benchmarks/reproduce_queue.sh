@@ -7,6 +7,10 @@
 #   bash benchmarks/reproduce_queue.sh 3          # only step 3
 #
 # Then: python benchmarks/reproduce.py report    (docs/results.md + docs/figures/*.png from the committed rows)
+#
+# A downstream step reads the run's state snapshots (benchmarks/results/reproduce/*_n<N>.pt), local files: on a fresh
+# checkout, recreate those of a finished run from its edits alone, checked against its committed rows, by adding
+# `--snapshots-only` to its `run` line (e.g. step 3 + " --snapshots-only" before step 11); nothing else is rewritten.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -416,3 +417,48 @@ def test_an_online_run_whose_prune_never_acts_is_derived_from_the_stream(tmp_pat
     acting = tmp_path / "acting"
     driver("run", *common, "--out", acting, "--editor-args", json.dumps(HP))
     assert not any("same_weights_as" in r for r in rows_of(acting / "ft_online.jsonl"))
+
+
+def test_snapshots_only_recreates_the_snapshots_checked_against_the_rows(tmp_path, model_dir, driver, capsys):
+    """``run --snapshots-only`` (a fresh checkout has the rows, not the local snapshots): the snapshots of the
+    finished runs again, bit for bit, with nothing else written; a different stream is refused before any snapshot."""
+    out = tmp_path / "out"
+    common = ["--editor", "ft", "--model", model_dir, "--data", DEMO, "--eval-every", 10, "--ppl-every", 10,
+              "--ppl-texts", 2, "--downstream-n", 0, "--threads", 1, "--n", 3, "--out", out,
+              "--editor-args", json.dumps(HP), "--snapshot-at", "2,3"]
+    driver("run", *common)
+    snaps = sorted(out.glob("ft_*_n*.pt"))
+    assert [p.name for p in snaps] == ["ft_online_n2.pt", "ft_online_n3.pt", "ft_stream_n2.pt", "ft_stream_n3.pt"]
+    before = {p.name: torch.load(p, weights_only=False) for p in snaps}
+    others = {p.name: p.read_bytes() for p in out.iterdir() if p not in snaps}
+    name = next(iter(before["ft_stream_n3.pt"]["matrices"]))
+    assert before["ft_online_n3.pt"]["weights"][name].ne(before["ft_stream_n3.pt"]["weights"][name]).any()  # PRUNE acted
+    for p in snaps:
+        p.unlink()
+    driver("run", *common, "--snapshots-only")
+    assert "[ft/online] snapshot at N = 3 written" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("ft_*_n*.pt")) == sorted(before)
+    for f, st in before.items():
+        again = torch.load(out / f, weights_only=False)
+        assert again["next"] == st["next"]
+        assert torch.equal(again["weights"][name], st["weights"][name]), f
+        for k, v in st["matrices"][name].items():
+            assert torch.equal(again["matrices"][name][k], v) if torch.is_tensor(v) else again["matrices"][name][k] == v
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in before} == others  # rows, setup untouched
+
+    for p in out.glob("ft_*_n*.pt"):
+        p.unlink()
+    with pytest.raises(SystemExit, match="ft's editor or order differ from those in .*setup.json"):
+        driver("run", *common, "--snapshots-only", "--order", "seed:1")  # not the recorded stream
+    rows_file = out / "ft_stream.jsonl"  # rows that do not describe this stream after edit 2: refused there
+    rows = rows_of(rows_file)
+    for r in rows:
+        if r["n"] == 2 and r["view"] == "none" and r["metric"] == f"spectrum/{name}/delta_sigma_max":
+            r["value"] *= 1.05
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"\[ft/stream\] --snapshots-only: after edit 2 .*σ_max\(ΔW\) of "
+                                         + re.escape(name) + r" is .*, the rows recorded"):
+        driver("run", *common, "--snapshots-only", "--runs", "stream")
+    assert not list(out.glob("ft_*_n*.pt"))
+    with pytest.raises(SystemExit, match="do not reach N = 5"):
+        driver("run", *common, "--snapshots-only", "--snapshot-at", "5")
