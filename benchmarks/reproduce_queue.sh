@@ -47,8 +47,9 @@ steps=(
   "$R downstream --label mend_bundled --runs stream online --threads $T"
   "$R downstream --label memit_b10 --runs stream online rect_online --views none deferred_e deferred_1.2 deferred_rect --at 0,200 --threads $T"
   "$R downstream --label alphaedit_b10 --runs stream online --views none --at 0,200 --threads $T"
-  # 18. the summarization interval (bootstrap over examples) for the passes made before it was recorded
-  "for l in rome_original memit_l1500 memit_b10; do $R downstream --label \$l --runs stream online rect_online rect_prune_online --views none deferred_e deferred_1.2 deferred_rect --tasks summarization --rescore --threads $T; done"
+  # 18. the summarization interval (bootstrap over examples) for the passes made before it was recorded: the ROME RECT
+  #     rows and the batch-of-10 MEMIT rows at N = 200 (their snapshots recreated first, checked against their rows)
+  "$R run --editor rome --label rome_original --editor-args '{\"key_mode\":\"original\"}' --runs rect_online rect_prune_online --snapshot-at 200 --snapshots-only --threads $T && $R run --editor memit --label memit_b10 --edit-batch 10 --rect-view --runs stream online --snapshot-at 200 --snapshots-only --threads $T && $R downstream --label rome_original --runs rect_online rect_prune_online --at 200 --tasks summarization --rescore --threads $T && $R downstream --label memit_b10 --runs stream online --views none deferred_e deferred_1.2 deferred_rect --at 200 --tasks summarization --rescore --threads $T"
 )
 if [[ $# -gt 0 ]]; then
   eval "${steps[$(($1 - 1))]}"
