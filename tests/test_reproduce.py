@@ -448,7 +448,7 @@ def test_snapshots_only_recreates_the_snapshots_checked_against_the_rows(tmp_pat
 
     for p in out.glob("ft_*_n*.pt"):
         p.unlink()
-    with pytest.raises(SystemExit, match="ft's editor or order differ from those in .*setup.json"):
+    with pytest.raises(SystemExit, match="ft's editor, constructor arguments or order differ from those in .*setup.json"):
         driver("run", *common, "--snapshots-only", "--order", "seed:1")  # not the recorded stream
     rows_file = out / "ft_stream.jsonl"  # rows that do not describe this stream after edit 2: refused there
     rows = rows_of(rows_file)
