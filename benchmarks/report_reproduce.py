@@ -190,6 +190,11 @@ def unedited_rows(s: dict, v1: bool) -> list[tuple[str, list[str]]]:
     return seen
 
 
+def _unedited_line(who: str, cells: list[str]) -> str:
+    """A table line of an unedited measurement (no edit scores, no spectrum)."""
+    return f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |"
+
+
 def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None = None) -> str:
     """A table of each (label, view) at its largest N: ``keys`` (in this order), or else every v2 row in
     :func:`row_order` with the unedited model first; ``names``: (label, view) -> (editor, restraint) cells instead of
@@ -200,7 +205,7 @@ def table(s: dict, keys: list[tuple[str, str]] | None = None, names: dict | None
         seen = unedited_rows(s, v1=False)
         for label, cells in seen:
             who = "unedited" if len(seen) == 1 else f"unedited ({name(label)}'s N = 0)"
-            lines.append(f"| {who} | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
+            lines.append(_unedited_line(who, cells))
         keys = sorted((k for k in s if k[0] not in V1), key=row_order)
     for key in (k for k in keys if k in s):
         nmax, vals = row_cells(s[key], cols)
@@ -217,8 +222,7 @@ def v1_table(s: dict) -> str:
     if not keys:
         return ""
     lines = table(s, keys).splitlines()
-    for label, cells in unedited_rows(s, v1=True):
-        lines.insert(2, f"| unedited (v1) | – | 0 | " + " | ".join(["–"] * 6) + " | " + " | ".join(cells) + " | | |")
+    lines[2:2] = [_unedited_line("unedited (v1)", cells) for _, cells in unedited_rows(s, v1=True)]
     return "\n".join(lines)
 
 
@@ -236,7 +240,8 @@ def abilities_table(s: dict) -> str:
         return ""
     head = ["editor", "restraint"] + [f"{t} N={n}" for _, t, _ in ABILITIES for n in ns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = next((s[k] for k in keys if 0 in s[k].get("downstream/reasoning", {})), None)
+    first = unedited_rows(s, v1=False)  # the measurement the main table shows
+    base = s[(first[0][0], "none")] if first else None
     if base:
         lines.append("| unedited (N = 0) | – | " + " | ".join(
             cell(base.get(m, {}).get(0), sc) for m, _, sc in ABILITIES for _ in ns) + " |")

@@ -27,10 +27,11 @@ the edited matrices). The downstream rows carry the key (``weights``), so later 
 Resumable: the restraint state (``<editor>_<run>.pt``: each matrix's ``AccumulatedUpdate.state_dict()``) and every metric row (``<editor>_<run>.jsonl``)
 are written to ``--out`` after each edit; a crashed sweep continues where it stopped. The ``.pt`` state stays local
 (gitignored: up to 64 MB per run); the committed rows are what ``report`` reads. Without the state file a run starts
-again from N = 0 and rewrites its rows. The snapshots the downstream pass reads are local too: ``run ... --snapshots-only``
-(the run's own arguments) recreates them on a fresh checkout from the edits alone, checked after every edit against
-σ_max(ΔW) in the committed rows, without evaluating or rewriting anything (for ROME, ~edit time: 100 edits in ~15 min). ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name the
-resolver knows, with hub access for hub ids).
+again from N = 0 and rewrites its rows. The snapshots the downstream pass reads are local too:
+``run ... --snapshots-only`` (the run's own arguments) recreates them on a fresh checkout from the edits alone, checked
+after every edit against σ_max(ΔW) in the committed rows, without evaluating or rewriting anything (for ROME, about
+the edit time: 100 edits in ~15 min). ``--device cuda --model gpt2-xl`` runs the same sweep on a GPU (any model name
+the resolver knows, with hub access for hub ids).
 """
 
 from __future__ import annotations
@@ -359,6 +360,18 @@ def idle_prune_rows(out: Path, label: str, run_name: str, view: str, n_edits: in
     return derived, max(ratios)
 
 
+def snapshot_path(out: Path, label: str, run_name: str, n: int) -> Path:
+    """The state snapshot of ``label``'s run ``run_name`` at N = ``n`` (what ``downstream`` reads)."""
+    return out / f"{label}_{run_name}_n{n}.pt"
+
+
+def copy_stream_snapshots(out: Path, label: str, run_name: str, at: list[int]) -> None:
+    """The stream's snapshots at the N in ``at`` that exist, as ``run_name``'s (a derived run: the same weights)."""
+    for k in at:
+        if snapshot_path(out, label, "stream", k).is_file():
+            shutil.copyfile(snapshot_path(out, label, "stream", k), snapshot_path(out, label, run_name, k))
+
+
 def write_derived_run(out: Path, label: str, run_name: str, rows: list[dict], ratio: float,
                       snapshot_at: list[int], n_edits: int) -> None:
     """Writes an online run derived by :func:`idle_prune_rows`: its rows, the stream's state snapshots as its own
@@ -366,10 +379,8 @@ def write_derived_run(out: Path, label: str, run_name: str, rows: list[dict], ra
     the setup.json entry that says so."""
     rows_file, ckpt = out / f"{label}_{run_name}.jsonl", out / f"{label}_{run_name}.pt"
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for k in snapshot_at:
-        if k <= n_edits and (out / f"{label}_stream_n{k}.pt").is_file():
-            shutil.copyfile(out / f"{label}_stream_n{k}.pt", out / f"{label}_{run_name}_n{k}.pt")
-    end = out / f"{label}_stream_n{n_edits}.pt"
+    copy_stream_snapshots(out, label, run_name, [k for k in snapshot_at if k <= n_edits])
+    end = snapshot_path(out, label, "stream", n_edits)
     if not end.is_file() and (out / f"{label}_stream.pt").is_file() and torch.load(
             out / f"{label}_stream.pt", weights_only=False)["next"] == n_edits:
         end = out / f"{label}_stream.pt"
@@ -455,9 +466,7 @@ def run(args) -> None:
         if run_name != "stream" and online and all(k == "prune" for k, _ in online) and args.derive_idle:
             derived = idle_prune_rows(out, label, run_name, next(iter(views)), args.n, tau, args.edit_batch)
         if derived and args.snapshots_only:  # the stream's weights bit for bit: its snapshots are this run's
-            for k in args.snapshot_at:
-                if (out / f"{label}_stream_n{k}.pt").is_file():
-                    shutil.copyfile(out / f"{label}_stream_n{k}.pt", out / f"{label}_{run_name}_n{k}.pt")
+            copy_stream_snapshots(out, label, run_name, args.snapshot_at)
             continue
         if derived:
             write_derived_run(out, label, run_name, *derived, args.snapshot_at, args.n)
@@ -507,7 +516,7 @@ def run(args) -> None:
             state = {**stream.state(), "next": n, "editor": editor.state_dict()}
             torch.save(state, ckpt)
             if n in args.snapshot_at:  # for the downstream pass (``reproduce.py downstream``)
-                torch.save(state, out / f"{label}_{run_name}_n{n}.pt")
+                torch.save(state, snapshot_path(out, label, run_name, n))
             eta = (time.time() - t0) / (n - start) * (args.n - n)
             print(f"[{tag}] edit {n}/{args.n}  {t_edit[-1]:.1f} s/edit  ETA {eta / 60:.1f} min", flush=True)
         stream.reset()  # back to the unedited model for the next run
@@ -549,7 +558,8 @@ def recreate_snapshots(out: Path, label: str, run_name: str, stream: Stream, vie
         updates = compute_updates(editor, model, tok, batch, i)
         stream.add(updates)
         n = i + len(batch)
-        stream.show(views[first])
+        if views[first] is not None:  # (None: σ_max of the weights as written is already known from add)
+            stream.show(views[first])
         for name, got in stream.sigma.items():
             want = recorded.get((f"spectrum/{name}/delta_sigma_max", n))
             if want is None or abs(got - want) > 1e-2 * max(abs(want), 1e-6):  # see the docstring
@@ -560,8 +570,9 @@ def recreate_snapshots(out: Path, label: str, run_name: str, stream: Stream, vie
                                  "at or after this N written")
         stream.hide()
         if n in args.snapshot_at:
-            torch.save({**stream.state(), "next": n, "editor": editor.state_dict()}, out / f"{label}_{run_name}_n{n}.pt")
-            print(f"[{tag}] snapshot at N = {n} written ({label}_{run_name}_n{n}.pt)", flush=True)
+            snap = snapshot_path(out, label, run_name, n)
+            torch.save({**stream.state(), "next": n, "editor": editor.state_dict()}, snap)
+            print(f"[{tag}] snapshot at N = {n} written ({snap.name})", flush=True)
         eta = (time.time() - t0) / n * (end - n)
         print(f"[{tag}] edit {n}/{end} (snapshots only)  ETA {eta / 60:.1f} min", flush=True)
 
@@ -618,7 +629,7 @@ def downstream(args) -> None:
         tag, rows_file = f"{args.label}/{run_name}", out / f"{args.label}_{run_name}_downstream.jsonl"
         done = {(r["view"], r["n"]) for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else set()
         for n in args.at:
-            snap = out / f"{args.label}_{run_name}_n{n}.pt"
+            snap = snapshot_path(out, args.label, run_name, n)
             if n > 0 and not snap.is_file():
                 print(f"[{tag}] no snapshot at N = {n} ({snap.name}): a finished run recreates it with `reproduce.py "
                       f"run <its arguments> --runs {run_name} --snapshot-at {n} --snapshots-only` (an unfinished one: "
